@@ -23,8 +23,8 @@ Scheme = str  # "nvfp4" (NVFP4 weights and activations) or "nvfp4a16" (NVFP4 wei
 SCHEMES = ("nvfp4", "nvfp4a16")
 
 
-def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None):
-    pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(())
+def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
+    pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
     packed, scales = nvfp4.quantize_blocks(x, pts)
     return packed, scales.view(torch.uint8), pts
 

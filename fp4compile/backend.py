@@ -1,0 +1,128 @@
+"""The ``fp4`` torch.compile backend: rewrite linear layers into NVFP4 ops, then compile with Inductor.
+
+    torch.compile(model, backend="fp4")                                       # scheme "nvfp4" (W4A4)
+    torch.compile(model, backend="fp4", options={"scheme": "nvfp4a16"})       # weight-only (W4A16)
+    torch.compile(model, backend="fp4", options={"scheme": "nvfp4a16", "triton.cudagraphs": True})
+    torch.compile(model, backend="fp4", mode="reduce-overhead")
+
+Every compile decision lives here. ``options`` keys of fp4compile: ``scheme``, ``skip`` (glob patterns of layer
+names left in high precision, default ``("lm_head",)``) and ``report`` (a list that receives one
+``RewriteReport`` per compiled graph). Every other key is an Inductor config option and is passed on.
+"""
+
+import contextlib
+import logging
+import unittest.mock
+from dataclasses import dataclass, field
+
+import torch
+from torch._inductor.compile_fx import compile_fx
+
+from .ops import SCHEMES
+
+try:
+    from fp4compile.passes import WEIGHT_CACHE, RewriteReport, rewrite_linears
+except ImportError:  # a source checkout that was not pip-installed: passes/ sits beside fp4compile/
+    from passes import WEIGHT_CACHE, RewriteReport, rewrite_linears
+
+log = logging.getLogger("fp4compile")
+
+FP4_OPTIONS = ("scheme", "skip", "report")
+
+
+@dataclass
+class BackendOptions:
+    scheme: str = "nvfp4"
+    skip: tuple[str, ...] = ("lm_head",)
+    report: list | None = None
+    inductor: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: dict | None, mode: str | None) -> "BackendOptions":
+        options = dict(options or {})
+        inductor = {k: v for k, v in options.items() if k not in FP4_OPTIONS}
+        if mode is not None:
+            inductor = {**torch._inductor.list_mode_options(mode), **inductor}
+        scheme = options.get("scheme", cls.scheme)
+        if scheme not in SCHEMES:
+            raise ValueError(f"fp4 backend: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        skip = options.get("skip", cls.skip)
+        skip = (skip,) if isinstance(skip, str) else tuple(skip)
+        return cls(scheme, skip, options.get("report"), inductor)
+
+
+def _check_inference(gm: torch.fx.GraphModule, example_inputs) -> None:
+    if not torch.is_grad_enabled():
+        return
+    needs_grad = [
+        n.meta["grapharg"].source.name if "grapharg" in n.meta else n.name
+        for n, t in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
+        if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    if needs_grad:
+        raise RuntimeError(
+            "fp4 backend: NVFP4 ops are inference-only, but this graph needs gradients (grad mode is on and "
+            f"{needs_grad[0]} requires grad). Run the compiled model under torch.no_grad() or "
+            "torch.inference_mode(), or call model.requires_grad_(False)."
+        )
+
+
+class CompiledGraph:
+    """Inductor's compiled graph, plus a check that the weights it embeds are still the model's weights.
+
+    A parameter replaced (``layer.weight = nn.Parameter(...)``) or changed in place (``weight.mul_(2)``) is
+    noticed at the next call and its packed constants are refreshed, so results are never stale.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, options: BackendOptions):
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        self.report, self.embedded = rewrite_linears(
+            gm, scheme=options.scheme, skip=options.skip, fake_mode=fake_mode
+        )
+        log.info("%s", self.report)
+        if options.report is not None:
+            options.report.append(self.report)
+        allow_real = (
+            unittest.mock.patch.object(fake_mode, "allow_non_fake_inputs", True)
+            if fake_mode is not None
+            else contextlib.nullcontext()
+        )
+        with allow_real:
+            self.compiled = compile_fx(gm, example_inputs, config_patches=options.inductor)
+
+    def __call__(self, *args):
+        for e in self.embedded:
+            if not e.is_current(args):
+                e.refresh(args, WEIGHT_CACHE)
+        return self.compiled(*args)
+
+
+def fp4_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict | None = None,
+                mode: str | None = None, **unused) -> CompiledGraph:
+    """The function behind ``backend="fp4"`` (entry point group ``torch_dynamo_backends``)."""
+    parsed = BackendOptions.parse(options, mode)
+    _check_inference(gm, example_inputs)
+    return CompiledGraph(gm, example_inputs, parsed)
+
+
+def explain(model, *example_inputs, **options) -> RewriteReport:
+    """Which layers ``backend="fp4"`` rewrites for these inputs, and why the others are left alone.
+
+    Runs Dynamo and the passes only (no Inductor compile); ``options`` as for the backend (``scheme``, ``skip``).
+    """
+    parsed = BackendOptions.parse(options, None)
+    reports: list[RewriteReport] = []
+
+    def capture(gm, example_inputs_):
+        fake_mode = torch._guards.detect_fake_mode(example_inputs_)
+        report, _ = rewrite_linears(gm, scheme=parsed.scheme, skip=parsed.skip, fake_mode=fake_mode)
+        reports.append(report)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(*example_inputs)
+    return RewriteReport([d for r in reports for d in r.layers])
+
+
+if "fp4" not in torch._dynamo.backends.registry._BACKENDS:
+    torch._dynamo.register_backend(fp4_backend, name="fp4")

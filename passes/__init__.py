@@ -1,0 +1,15 @@
+"""FX graph passes of the fp4 backend: find linear layers, rewrite them into NVFP4 ops, report what was skipped."""
+
+from .match import Linear, find_linears
+from .rewrite import WEIGHT_CACHE, Embedded, LayerDecision, RewriteReport, WeightCache, rewrite_linears
+
+__all__ = [
+    "WEIGHT_CACHE",
+    "Embedded",
+    "LayerDecision",
+    "Linear",
+    "RewriteReport",
+    "WeightCache",
+    "find_linears",
+    "rewrite_linears",
+]

@@ -1,0 +1,114 @@
+"""The NVFP4 format against the torchao reference, bit for bit, plus the value tables and the error cases."""
+
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fp4compile
+from fp4compile import format as nvfp4
+
+VECTORS = load_file(pathlib.Path(__file__).parent / "data" / "nvfp4_reference.safetensors")
+CASES = sorted({k.rsplit(".", 1)[0] for k in VECTORS})
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_vectors_bit_identical(case):
+    x, pts = VECTORS[f"{case}.x"], VECTORS.get(f"{case}.pts")
+    q = fp4compile.quantize(x, two_level=pts is not None)
+    ref_packed, ref_scales = VECTORS[f"{case}.packed"], VECTORS[f"{case}.scales"]
+    assert q.packed.dtype == torch.uint8 and q.scales.dtype == torch.float8_e4m3fn
+    assert q.packed.shape == (*x.shape[:-1], x.shape[-1] // 2)
+    assert q.scales.shape == (*x.shape[:-1], x.shape[-1] // 16)
+    assert torch.equal(q.packed.reshape(ref_packed.shape), ref_packed)
+    assert torch.equal(q.scales.view(torch.uint8).reshape(ref_scales.shape), ref_scales)
+    if pts is None:
+        assert q.global_scale is None
+    else:
+        assert torch.equal(q.global_scale.reshape(1), pts)
+
+
+def test_reference_vectors_cover_every_case():
+    assert len(CASES) == 10
+
+
+def test_every_e2m1_value_and_tie_rounds_to_even():
+    # Single-level scaling with a block max of 6 gives a block scale of exactly 1, so y == x.
+    grid = torch.tensor(nvfp4.E2M1_VALUES)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    expect_ties = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0])
+    for values, expect in ((grid, grid), (ties, expect_ties), (-grid, -grid), (-ties, -expect_ties)):
+        x = torch.zeros(16)
+        x[: len(values)] = values
+        x[15] = 6.0
+        q = fp4compile.quantize(x, two_level=False)
+        out = fp4compile.dequantize(q)
+        assert torch.equal(out[: len(values)], expect), (values, out)
+
+
+def test_negative_zero_keeps_its_sign_code():
+    x = torch.zeros(16)
+    x[0], x[1], x[15] = -0.0, -0.1, 6.0
+    codes = nvfp4.unpack(fp4compile.quantize(x, two_level=False).packed)
+    assert codes[0].item() == 8 and codes[1].item() == 8 and codes[2].item() == 0
+
+
+def test_pack_puts_even_element_in_low_nibble():
+    codes = torch.tensor([1, 2, 3, 15], dtype=torch.uint8)
+    assert nvfp4.pack(codes).tolist() == [0x21, 0xF3]
+    assert torch.equal(nvfp4.unpack(nvfp4.pack(codes)), codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_error_is_nvfp4_sized_for_every_dtype(dtype):
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    q = fp4compile.quantize(x)
+    out = fp4compile.dequantize(q, dtype)
+    assert out.dtype == dtype and out.shape == x.shape
+    rel = (out.float() - x.float()).norm() / x.float().norm()
+    assert 0.03 < rel < 0.15, f"relative error {rel:.3f} for {dtype}"
+
+
+def test_given_global_scale_is_used():
+    x = torch.randn(2, 32)
+    pts = torch.tensor(0.01)
+    assert torch.equal(fp4compile.quantize(x, pts).global_scale, pts)
+
+
+def test_k_not_multiple_of_16_raises():
+    with pytest.raises(ValueError, match="multiple of 16.*K=30"):
+        fp4compile.quantize(torch.randn(2, 30))
+
+
+def test_unsupported_dtype_raises():
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        fp4compile.quantize(torch.ones(2, 16, dtype=torch.float64))
+
+
+def test_global_scale_with_single_level_raises():
+    with pytest.raises(ValueError, match="two_level=False"):
+        fp4compile.quantize(torch.ones(2, 16), torch.tensor(1.0), two_level=False)
+
+
+def test_zeros_tiny_and_huge_stay_finite_and_exact_where_representable():
+    x = torch.zeros(3, 16)
+    x[1] = 1e-30
+    x[2, 0] = 3e38
+    out = fp4compile.dequantize(fp4compile.quantize(x))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], torch.zeros(16))
+
+
+def test_swizzle_matches_the_blocked_layout_formula():
+    rows, cols = 200, 9
+    scales = torch.randint(1, 255, (rows, cols), dtype=torch.uint8)
+    flat = nvfp4.swizzle_scales(scales)
+    r_pad, c_pad = 256, 12
+    assert flat.numel() == r_pad * c_pad
+    expect = torch.zeros(r_pad * c_pad, dtype=torch.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            offset = ((r // 128) * (c_pad // 4) + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4
+            expect[offset] = scales[r, c]
+    assert torch.equal(flat, expect)

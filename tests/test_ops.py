@@ -1,0 +1,52 @@
+"""The torch.ops.fp4 custom ops: opcheck, fake shapes, and agreement with the format's reference."""
+
+import pytest
+import torch
+
+import fp4compile
+from fp4compile import format as nvfp4
+
+
+def _weight(n=32, k=64, seed=0):
+    q = fp4compile.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))
+    return q.packed, q.scales.view(torch.uint8), q.global_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_opcheck_every_op(dtype):
+    x = torch.randn(3, 5, 64).to(dtype)
+    wp, ws, wpts = _weight()
+    bias = torch.randn(32).to(dtype)
+    a = torch.ops.fp4.quantize_act(x)
+    torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, None))
+    torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, torch.tensor(0.01)))
+    torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, wp, ws, wpts, bias, dtype))
+    torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, wp, ws, wpts, None))
+    for scheme in ("nvfp4", "nvfp4a16"):
+        torch.library.opcheck(torch.ops.fp4.linear.default, (x, wp, ws, wpts, bias, None, scheme))
+
+
+def test_quantize_act_matches_format_and_crosses_as_uint8():
+    x = torch.randn(7, 48)
+    packed, scales, pts = torch.ops.fp4.quantize_act(x)
+    q = fp4compile.quantize(x)
+    assert packed.dtype == scales.dtype == torch.uint8
+    assert torch.equal(packed, q.packed) and torch.equal(scales, q.scales.view(torch.uint8))
+    assert torch.equal(pts, q.global_scale)
+
+
+def test_gemm_is_the_dequantized_fp32_product():
+    x, w, b = torch.randn(4, 64), torch.randn(32, 64), torch.randn(32)
+    wp, ws, wpts = _weight()
+    w = nvfp4.dequantize_parts(wp, ws, wpts)
+    out = torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x), wp, ws, wpts, b, torch.float32)
+    assert torch.equal(out, nvfp4.fake_quantize(x) @ w.t() + b)
+    out16 = torch.ops.fp4.gemm_a16(x.bfloat16(), wp, ws, wpts, None)
+    assert out16.dtype == torch.bfloat16
+    assert torch.equal(out16, (x.bfloat16().float() @ w.t()).bfloat16())
+
+
+def test_linear_rejects_unknown_scheme():
+    wp, ws, wpts = _weight()
+    with pytest.raises(ValueError, match="unknown scheme 'int4'"):
+        torch.ops.fp4.linear(torch.randn(2, 64), wp, ws, wpts, None, None, "int4")

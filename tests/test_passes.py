@@ -1,0 +1,317 @@
+"""Snapshots of the graphs the fp4 pass writes, and the forms it must (and must not) match.
+
+Regenerate the snapshots after an intended change with ``EXPECTTEST_ACCEPT=1 pytest tests/test_passes.py``.
+"""
+
+import torch
+from torch import nn
+from torch._dynamo.testing import normalize_gm
+from torch.testing._internal.common_utils import TestCase, run_tests
+
+import fp4compile
+from fp4compile.passes import rewrite_linears
+
+
+def rewrite(model, *inputs, **options):
+    """Run Dynamo and the fp4 pass (no Inductor); return (snapshot text, report)."""
+    graphs, reports = [], []
+
+    def capture(gm, example_inputs):
+        report, _ = rewrite_linears(gm, fake_mode=torch._guards.detect_fake_mode(example_inputs), **options)
+        graphs.append(normalize_gm(gm.print_readable(print_output=False)))
+        reports.append(report)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(*inputs)
+    return graphs[0], reports[0]
+
+
+class One(nn.Module):
+    def __init__(self, k=64, n=32, bias=False):
+        super().__init__()
+        self.fc = nn.Linear(k, n, bias=bias)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32, bias=False), nn.Linear(32, 16, bias=False), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection: the weight is stored [K, N] and applied as addmm(b, x, W)."""
+
+    def __init__(self, k=32, n=48):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(k, n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class TestSnapshots(TestCase):
+    def test_one_linear(self):
+        graph, report = rewrite(One(), torch.randn(4, 64))
+        self.assertEqual(len(report.rewritten), 1)
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_fc_parameters_weight_: "f32[32, 64]", L_x_: "f32[4, 64]"):
+        l_self_modules_fc_parameters_weight_ = L_self_modules_fc_parameters_weight_
+        l_x_ = L_x_
+
+        fp4_fc_packed: "u8[32, 32]" = self.fp4_fc_packed
+        fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
+        fp4_fc_pts: "f32[]" = self.fp4_fc_pts
+        fc_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
+        fc_act_packed = fc_act[0]
+        fc_act_scales = fc_act[1]
+        fc_act_pts = fc_act[2];  fc_act = None
+
+        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, fp4_fc_packed, fp4_fc_scales, fp4_fc_pts, None, torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = None
+        return (fc_gemm,)
+""")
+
+    def test_linear_with_bias_on_3d_input(self):
+        graph, _ = rewrite(One(bias=True), torch.randn(2, 3, 64))
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_fc_parameters_weight_: "f32[32, 64]", L_self_modules_fc_parameters_bias_: "f32[32]", L_x_: "f32[2, 3, 64]"):
+        l_self_modules_fc_parameters_weight_ = L_self_modules_fc_parameters_weight_
+        l_self_modules_fc_parameters_bias_ = L_self_modules_fc_parameters_bias_
+        l_x_ = L_x_
+
+        fp4_fc_packed: "u8[32, 32]" = self.fp4_fc_packed
+        fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
+        fp4_fc_pts: "f32[]" = self.fp4_fc_pts
+        fc_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
+        fc_act_packed = fc_act[0]
+        fc_act_scales = fc_act[1]
+        fc_act_pts = fc_act[2];  fc_act = None
+
+        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, fp4_fc_packed, fp4_fc_scales, fp4_fc_pts, l_self_modules_fc_parameters_bias_, torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
+        return (fc_gemm,)
+""")
+
+    def test_mlp(self):
+        graph, _ = rewrite(MLP(), torch.randn(4, 32))
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_up_parameters_weight_: "f32[64, 32]", L_self_modules_up_parameters_bias_: "f32[64]", L_x_: "f32[4, 32]", L_self_modules_down_parameters_weight_: "f32[32, 64]", L_self_modules_down_parameters_bias_: "f32[32]"):
+        l_self_modules_up_parameters_weight_ = L_self_modules_up_parameters_weight_
+        l_self_modules_up_parameters_bias_ = L_self_modules_up_parameters_bias_
+        l_x_ = L_x_
+        l_self_modules_down_parameters_weight_ = L_self_modules_down_parameters_weight_
+        l_self_modules_down_parameters_bias_ = L_self_modules_down_parameters_bias_
+
+        fp4_up_packed: "u8[64, 16]" = self.fp4_up_packed
+        fp4_up_scales: "u8[64, 2]" = self.fp4_up_scales
+        fp4_up_pts: "f32[]" = self.fp4_up_pts
+        up_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
+        up_act_packed = up_act[0]
+        up_act_scales = up_act[1]
+        up_act_pts = up_act[2];  up_act = None
+
+        up_gemm = torch.ops.fp4.gemm.default(up_act_packed, up_act_scales, up_act_pts, fp4_up_packed, fp4_up_scales, fp4_up_pts, l_self_modules_up_parameters_bias_, torch.float32);  up_act_packed = up_act_scales = up_act_pts = fp4_up_packed = fp4_up_scales = fp4_up_pts = l_self_modules_up_parameters_bias_ = None
+        relu: "f32[4, 64]" = torch.relu(up_gemm);  up_gemm = None
+
+        fp4_down_packed: "u8[32, 32]" = self.fp4_down_packed
+        fp4_down_scales: "u8[32, 4]" = self.fp4_down_scales
+        fp4_down_pts: "f32[]" = self.fp4_down_pts
+        down_act = torch.ops.fp4.quantize_act.default(relu, None);  relu = None
+        down_act_packed = down_act[0]
+        down_act_scales = down_act[1]
+        down_act_pts = down_act[2];  down_act = None
+
+        down_gemm = torch.ops.fp4.gemm.default(down_act_packed, down_act_scales, down_act_pts, fp4_down_packed, fp4_down_scales, fp4_down_pts, l_self_modules_down_parameters_bias_, torch.float32);  down_act_packed = down_act_scales = down_act_pts = fp4_down_packed = fp4_down_scales = fp4_down_pts = l_self_modules_down_parameters_bias_ = None
+        return (down_gemm,)
+""")
+
+    def test_qkv_share_one_input(self):
+        graph, report = rewrite(QKV(), torch.randn(4, 32))
+        self.assertEqual([d.name for d in report.rewritten], ["q", "k", "v"])
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_q_parameters_weight_: "f32[32, 32]", L_x_: "f32[4, 32]", L_self_modules_k_parameters_weight_: "f32[16, 32]", L_self_modules_v_parameters_weight_: "f32[16, 32]", L_self_modules_v_parameters_bias_: "f32[16]"):
+        l_self_modules_q_parameters_weight_ = L_self_modules_q_parameters_weight_
+        l_x_ = L_x_
+        l_self_modules_k_parameters_weight_ = L_self_modules_k_parameters_weight_
+        l_self_modules_v_parameters_weight_ = L_self_modules_v_parameters_weight_
+        l_self_modules_v_parameters_bias_ = L_self_modules_v_parameters_bias_
+
+        fp4_q_packed: "u8[32, 16]" = self.fp4_q_packed
+        fp4_q_scales: "u8[32, 2]" = self.fp4_q_scales
+        fp4_q_pts: "f32[]" = self.fp4_q_pts
+        q_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
+        q_act_packed = q_act[0]
+        q_act_scales = q_act[1]
+        q_act_pts = q_act[2];  q_act = None
+
+        q_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, fp4_q_packed, fp4_q_scales, fp4_q_pts, None, torch.float32);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
+
+        fp4_k_packed: "u8[16, 16]" = self.fp4_k_packed
+        fp4_k_scales: "u8[16, 2]" = self.fp4_k_scales
+        fp4_k_pts: "f32[]" = self.fp4_k_pts
+
+        k_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, fp4_k_packed, fp4_k_scales, fp4_k_pts, None, torch.float32);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
+
+        fp4_v_packed: "u8[16, 16]" = self.fp4_v_packed
+        fp4_v_scales: "u8[16, 2]" = self.fp4_v_scales
+        fp4_v_pts: "f32[]" = self.fp4_v_pts
+
+        v_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, fp4_v_packed, fp4_v_scales, fp4_v_pts, l_self_modules_v_parameters_bias_, torch.float32);  q_act_packed = q_act_scales = q_act_pts = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
+        return (q_gemm, k_gemm, v_gemm)
+""")
+
+    def test_gpt2_conv1d_addmm_with_kn_weight(self):
+        graph, report = rewrite(Conv1D(), torch.randn(2, 3, 32))
+        self.assertEqual(report.rewritten[0].shape, (48, 32))
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_parameters_bias_: "f32[48]", L_x_: "f32[2, 3, 32]", L_self_parameters_weight_: "f32[32, 48]"):
+        l_self_parameters_bias_ = L_self_parameters_bias_
+        l_x_ = L_x_
+        l_self_parameters_weight_ = L_self_parameters_weight_
+
+        view: "f32[6, 32]" = l_x_.view(-1, 32);  l_x_ = None
+
+        fp4_weight_packed: "u8[48, 16]" = self.fp4_weight_packed
+        fp4_weight_scales: "u8[48, 2]" = self.fp4_weight_scales
+        fp4_weight_pts: "f32[]" = self.fp4_weight_pts
+        weight_act = torch.ops.fp4.quantize_act.default(view, None);  view = None
+        weight_act_packed = weight_act[0]
+        weight_act_scales = weight_act[1]
+        weight_act_pts = weight_act[2];  weight_act = None
+
+        weight_gemm = torch.ops.fp4.gemm.default(weight_act_packed, weight_act_scales, weight_act_pts, fp4_weight_packed, fp4_weight_scales, fp4_weight_pts, l_self_parameters_bias_, torch.float32);  weight_act_packed = weight_act_scales = weight_act_pts = fp4_weight_packed = fp4_weight_scales = fp4_weight_pts = l_self_parameters_bias_ = None
+        view_1: "f32[2, 3, 48]" = weight_gemm.view(2, 3, -1);  weight_gemm = None
+        return (view_1,)
+""")
+
+    def test_skipped_layer_k30(self):
+        graph, report = rewrite(One(k=30), torch.randn(4, 30))
+        self.assertEqual(report.skipped[0].reason, "K=30 is not a multiple of 16")
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_fc_parameters_weight_: "f32[32, 30]", L_x_: "f32[4, 30]"):
+        l_self_modules_fc_parameters_weight_ = L_self_modules_fc_parameters_weight_
+        l_x_ = L_x_
+
+        linear: "f32[4, 32]" = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None);  l_x_ = l_self_modules_fc_parameters_weight_ = None
+        return (linear,)
+""")
+
+    def test_weight_only_scheme(self):
+        graph, _ = rewrite(One(bias=True), torch.randn(4, 64), scheme="nvfp4a16")
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_fc_parameters_weight_: "f32[32, 64]", L_self_modules_fc_parameters_bias_: "f32[32]", L_x_: "f32[4, 64]"):
+        l_self_modules_fc_parameters_weight_ = L_self_modules_fc_parameters_weight_
+        l_self_modules_fc_parameters_bias_ = L_self_modules_fc_parameters_bias_
+        l_x_ = L_x_
+
+        fp4_fc_packed: "u8[32, 32]" = self.fp4_fc_packed
+        fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
+        fp4_fc_pts: "f32[]" = self.fp4_fc_pts
+
+        fc_gemm = torch.ops.fp4.gemm_a16.default(l_x_, fp4_fc_packed, fp4_fc_scales, fp4_fc_pts, l_self_modules_fc_parameters_bias_);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
+        return (fc_gemm,)
+""")
+
+    def test_calibrated_layer_embeds_its_packed_buffers(self):
+        linear = nn.Linear(64, 32)
+        packed = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach()))
+        model = nn.Sequential(packed)
+        graph, report = rewrite(model, torch.randn(4, 64))
+        self.assertEqual(report.rewritten[0].shape, (32, 64))
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_fn_modules_0_buffers_weight_packed_: "u8[32, 32]", L_fn_modules_0_buffers_weight_scales_: "u8[32, 4]", L_fn_modules_0_buffers_weight_global_scale_: "f32[]", L_fn_modules_0_parameters_bias_: "f32[32]", L_args_0_: "f32[4, 64]"):
+        l_fn_modules_0_buffers_weight_packed_ = L_fn_modules_0_buffers_weight_packed_
+        l_fn_modules_0_buffers_weight_scales_ = L_fn_modules_0_buffers_weight_scales_
+        l_fn_modules_0_buffers_weight_global_scale_ = L_fn_modules_0_buffers_weight_global_scale_
+        l_fn_modules_0_parameters_bias_ = L_fn_modules_0_parameters_bias_
+        l_args_0_ = L_args_0_
+
+        fp4_0_packed: "u8[32, 32]" = self.fp4_0_packed
+        fp4_0_scales: "u8[32, 4]" = self.fp4_0_scales
+        fp4_0_pts: "f32[]" = self.fp4_0_pts
+        _0_act = torch.ops.fp4.quantize_act.default(l_args_0_, None);  l_args_0_ = None
+        _0_act_packed = _0_act[0]
+        _0_act_scales = _0_act[1]
+        _0_act_pts = _0_act[2];  _0_act = None
+
+        _0_gemm = torch.ops.fp4.gemm.default(_0_act_packed, _0_act_scales, _0_act_pts, fp4_0_packed, fp4_0_scales, fp4_0_pts, l_fn_modules_0_parameters_bias_, torch.float32);  _0_act_packed = _0_act_scales = _0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
+        return (_0_gemm,)
+""")
+
+
+class Forms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 64))
+        self.register_buffer("b", torch.randn(32, 64))
+
+    def forward(self, x):
+        return (x @ self.w.t() + torch.mm(x, self.w.T) + torch.matmul(x, self.b.transpose(0, 1))
+                + torch.mm(x, self.b.permute(1, 0)) + x.matmul(self.w.transpose(-1, -2)))
+
+
+class NotLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 64))
+        self.bias = nn.Parameter(torch.randn(32))
+
+    def forward(self, x, y):
+        scores = x.unsqueeze(0) @ x.unsqueeze(0).transpose(-1, -2)  # attention-like: no stored weight
+        computed = x @ (self.w * 2).t()  # a weight computed at run time
+        scaled = torch.addmm(self.bias, x, self.w.t(), alpha=0.5)
+        return scores.sum() + computed.sum() + scaled.sum() + (x @ y).sum()
+
+
+class TestMatching(TestCase):
+    def test_every_transpose_spelling_and_buffers_match(self):
+        _, report = rewrite(Forms(), torch.randn(4, 64))
+        self.assertEqual([d.op for d in report.rewritten], ["matmul", "mm", "matmul", "mm", "matmul"])
+        self.assertEqual(report.skipped, [])
+
+    def test_runtime_weights_attention_and_scaled_addmm_are_not_rewritten(self):
+        graph, report = rewrite(NotLinear(), torch.randn(4, 64), torch.randn(64, 8))
+        self.assertEqual(report.rewritten, [])
+        self.assertEqual(
+            [d.reason for d in report.skipped],
+            ["weight is computed at run time, not a parameter", "addmm with alpha or beta other than 1",
+             "weight is computed at run time, not a parameter"],
+        )
+        self.assertNotIn("fp4.", graph)
+
+    def test_skip_patterns_leave_layers_alone(self):
+        _, report = rewrite(QKV(), torch.randn(4, 32), skip=("k", "v*"))
+        self.assertEqual([d.name for d in report.rewritten], ["q"])
+        self.assertIn("skip pattern", report.skipped[0].reason)
+
+    def test_unsupported_dtype_is_skipped_with_reason(self):
+        model = One().double()
+        _, report = rewrite(model, torch.randn(4, 64, dtype=torch.double))
+        self.assertIn("float64", report.skipped[0].reason)
+
+
+if __name__ == "__main__":
+    run_tests()
