@@ -1,0 +1,216 @@
+"""torch.compile(model, backend="fp4") end to end on CPU: numbers, fusion, caching, errors and options."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+import fp4compile
+from fp4compile import format as nvfp4
+from fp4compile.backend import BackendOptions
+from fp4compile.passes import WEIGHT_CACHE
+
+
+class MLP(nn.Module):
+    def __init__(self, d=64, hidden=128):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class RMSNormLinear(nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.norm_weight, self.proj = nn.Parameter(torch.rand(d) + 0.5), nn.Linear(d, 32)
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        return self.proj(h)
+
+
+def emulate_mlp(m: MLP, x: torch.Tensor, scheme: str = "nvfp4") -> torch.Tensor:
+    """The eager meaning of the rewrite: quantize, dequantize, fp32 matmul, cast back, layer by layer."""
+
+    def linear(layer, h):
+        a = nvfp4.fake_quantize(h) if scheme == "nvfp4" else h.float()
+        out = a @ nvfp4.fake_quantize(layer.weight).t()
+        if layer.bias is not None:
+            out = out + layer.bias.float()
+        return out.to(h.dtype)
+
+    return linear(m.down, torch.relu(linear(m.up, x)))
+
+
+def compile_fp4(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="fp4", options=options or None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
+def test_compiled_equals_eager_emulation_and_pays_nvfp4_error(dtype, scheme):
+    torch.manual_seed(0)
+    model, x = MLP().to(dtype), torch.randn(2, 5, 64, dtype=dtype)
+    with torch.no_grad():
+        out = compile_fp4(model, scheme=scheme)(x)
+        expect, exact = emulate_mlp(model, x, scheme), model(x)
+    assert out.dtype == dtype and out.shape == exact.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+    else:  # the last cast to 16 bits may land one unit away where fp32 accumulation order differs
+        torch.testing.assert_close(out, expect, rtol=1e-2, atol=1e-3)
+    rel = ((out.float() - exact.float()).norm() / exact.float().norm()).item()
+    assert 0.02 < rel < 0.3, f"error against the unquantized model {rel:.3f} ({scheme}, {dtype}): no rewrite?"
+
+
+def test_backend_is_found_without_importing_fp4compile():
+    code = (
+        "import torch\n"
+        "m = torch.nn.Linear(32, 16)\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(m, backend='fp4')(torch.randn(2, 32))\n"
+        "import sys; assert 'fp4compile' in sys.modules; print(tuple(y.shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(2, 16)"
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.ReLU(), nn.Linear(64, 32)), RMSNormLinear()],
+                         ids=["relu", "rmsnorm"])
+def test_activation_quantize_fuses_with_its_producer(model):
+    with torch.no_grad():
+        _, code = run_and_get_code(compile_fp4(model), torch.randn(8, 64))
+    kernels = re.findall(r"^(\w+) = async_compile", code[0], re.M)
+    producer = "relu" if isinstance(model, nn.Sequential) else "rsqrt"
+    fused = [k for k in kernels if "quantize_act" in k and producer in k]
+    assert len(kernels) == 1 and fused, f"expected one kernel doing {producer} and the quantize, got {kernels}"
+
+
+def test_gradients_needed_gives_a_clear_error():
+    model = MLP()
+    with pytest.raises(Exception, match=r"torch\.no_grad\(\) or torch\.inference_mode\(\)"):
+        compile_fp4(model)(torch.randn(4, 64))
+
+
+def test_grad_mode_is_fine_when_nothing_requires_grad():
+    model = MLP().requires_grad_(False)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(compile_fp4(model)(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_mode_works():
+    model, x = MLP(), torch.randn(4, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(compile_fp4(model)(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_and_inf_in_activations_reach_the_output_without_a_crash():
+    model = nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    with torch.no_grad():
+        out = compile_fp4(model)(x)
+        weight_only = compile_fp4(model, scheme="nvfp4a16")(x)
+    assert out.isnan().any(dim=1).all(), "a NaN or Inf makes the dynamic global scale non-finite"
+    assert not torch.isfinite(weight_only[1:3]).any(), "weight-only: the rows holding NaN / Inf are not finite"
+    assert torch.isfinite(weight_only[0]).all() and torch.isfinite(weight_only[3]).all()
+
+
+def test_non_contiguous_input():
+    model = MLP()
+    x = torch.randn(64, 6).t()
+    with torch.no_grad():
+        torch.testing.assert_close(compile_fp4(model)(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_changed_in_place_or_replaced_is_never_stale():
+    model, x = MLP(), torch.randn(4, 64)
+    with torch.no_grad():
+        fast = compile_fp4(model)
+        fast(x)
+        model.up.weight.mul_(-2.0)
+        torch.testing.assert_close(fast(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
+        model.down.weight = nn.Parameter(torch.randn_like(model.down.weight))
+        torch.testing.assert_close(fast(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_new_batch_sizes_do_not_quantize_again():
+    model = MLP()
+    with torch.no_grad():
+        fast = compile_fp4(model)
+        fast(torch.randn(4, 64))
+        before = WEIGHT_CACHE.quantized
+        for m in (1, 7, 9, 33):
+            x = torch.randn(m, 64)
+            torch.testing.assert_close(fast(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
+    assert WEIGHT_CACHE.quantized == before
+
+
+def test_warm_compile_hits_the_fx_graph_cache_and_keeps_each_models_weights():
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        compile_fp4(MLP())(x)
+        counters.clear()
+        other = MLP()  # same shapes, other weights: the cache must not hand back the first model's weights
+        out = compile_fp4(other)(x)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1, dict(counters["inductor"])
+    torch.testing.assert_close(out, emulate_mlp(other, x), rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_layer_compiles_to_its_eager_output():
+    linear = nn.Linear(64, 32)
+    layer = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach() * 3))
+    static = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach()),
+                                                input_global_scale=torch.tensor(0.002))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        for module in (layer, static):
+            torch.testing.assert_close(compile_fp4(module)(x), module(x), rtol=1e-5, atol=1e-6)
+
+
+def test_explain_lists_rewritten_and_skipped_layers():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.odd, self.lm_head = nn.Linear(32, 32), nn.Linear(30, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.lm_head(self.body(x) + self.odd(x[..., :30]))
+
+    report = fp4compile.explain(Net(), torch.randn(2, 32))
+    assert [d.name for d in report.rewritten] == ["body"]
+    reasons = {d.name: d.reason for d in report.skipped}
+    assert reasons["odd"] == "K=30 is not a multiple of 16"
+    assert "skip pattern" in reasons["lm_head"]
+    assert "1 layer(s) rewritten, 2 left in high precision" in str(report)
+    report = fp4compile.explain(Net(), torch.randn(2, 32), skip=())
+    assert [d.name for d in report.rewritten] == ["body", "lm_head"]
+
+
+def test_report_option_collects_reports():
+    reports = []
+    with torch.no_grad():
+        compile_fp4(MLP(), report=reports)(torch.randn(2, 64))
+    assert [d.name for d in reports[0].rewritten] == ["up", "down"]
+
+
+def test_options_split_between_fp4_and_inductor():
+    parsed = BackendOptions.parse({"scheme": "nvfp4a16", "triton.cudagraphs": True, "skip": "head"}, None)
+    assert (parsed.scheme, parsed.skip, parsed.inductor) == ("nvfp4a16", ("head",), {"triton.cudagraphs": True})
+    assert BackendOptions.parse(None, "reduce-overhead").inductor["triton.cudagraphs"] is True
+    with pytest.raises(ValueError, match="unknown scheme 'fp8'"):
+        BackendOptions.parse({"scheme": "fp8"}, None)
+
+
+def test_unknown_inductor_option_is_an_error():
+    with pytest.raises(Exception, match="no_such_option"):
+        with torch.no_grad():
+            compile_fp4(MLP(), no_such_option=1)(torch.randn(2, 64))
