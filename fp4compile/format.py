@@ -91,6 +91,11 @@ def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
+def _byte_to_pair(device) -> torch.Tensor:
+    """A [256, 2] table: the two e2m1 values (low nibble first) each packed byte stands for."""
+    return e2m1_to_float(unpack(torch.arange(256, dtype=torch.uint8, device=device)).view(256, 2))
+
+
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """Pack uint8 codes ``[..., K]`` two per byte: even index in the low nibble. Returns ``[..., K/2]``."""
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
@@ -137,7 +142,7 @@ def dequantize_parts(
     """
     if scales.dtype == torch.uint8:
         scales = scales.view(torch.float8_e4m3fn)
-    values = e2m1_to_float(unpack(packed)).unflatten(-1, (-1, BLOCK_SIZE))
+    values = _byte_to_pair(packed.device)[packed.long()].flatten(-2).unflatten(-1, (-1, BLOCK_SIZE))
     out = values * scales.float().unsqueeze(-1)
     if pts is not None:
         out = out * pts.float()

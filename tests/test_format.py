@@ -112,3 +112,14 @@ def test_swizzle_matches_the_blocked_layout_formula():
             offset = ((r // 128) * (c_pad // 4) + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4
             expect[offset] = scales[r, c]
     assert torch.equal(flat, expect)
+
+
+def test_dequantize_is_code_value_times_block_scale_times_global_scale():
+    packed = torch.randint(0, 256, (3, 8), dtype=torch.uint8)
+    scales = torch.randint(0, 127, (3, 1), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    pts = torch.tensor(0.37)
+    codes = nvfp4.unpack(packed)
+    expect = nvfp4.e2m1_to_float(codes) * scales.float() * pts
+    assert torch.equal(nvfp4.dequantize_parts(packed, scales, pts), expect)
+    table = dict(zip(range(16), nvfp4.E2M1_VALUES + tuple(-v for v in nvfp4.E2M1_VALUES)))
+    assert nvfp4.e2m1_to_float(codes).flatten().tolist() == [table[c] for c in codes.flatten().tolist()]
