@@ -1,6 +1,7 @@
 """The ``torch.ops.fp4`` custom ops the graph passes emit, with fake (meta) implementations and CPU references.
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
+    fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
     fp4::gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias?) -> [..., N]   (NVFP4 x NVFP4)
     fp4::gemm_a16(x [..., K], w_packed, w_scales, w_pts, bias?) -> [..., N]               (high precision x NVFP4)
     fp4::linear(x, w_packed, w_scales, w_pts, bias?, act_pts?, scheme) -> [..., N]        (a calibrated layer)
@@ -9,8 +10,9 @@ Weights are ``[N, K]`` (K contiguous). Packed values and block scales cross ever
 (the bit patterns of e2m1 pairs and e4m3 scales): Inductor's C++ backend cannot read or write float4/float8
 buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
 
-``quantize_act`` carries an Inductor decomposition (plain torch, see ``format``), so Inductor fuses it with the op
-that produces the activation. The GEMMs are opaque extern calls; on CUDA they dispatch to ``kernels``.
+``quantize_act`` decomposes for Inductor into the amax (plain torch, fused with the op that produces the
+activation) and ``quantize_blocks``, itself plain torch on CPU (fused too) and a Triton kernel on CUDA. The GEMMs
+are opaque extern calls; on CUDA they dispatch to ``kernels``.
 The output dtype of a GEMM is the activation's dtype (``gemm`` gets it from ``out_dtype``).
 """
 
@@ -23,10 +25,39 @@ Scheme = str  # "nvfp4" (NVFP4 weights and activations) or "nvfp4a16" (NVFP4 wei
 SCHEMES = ("nvfp4", "nvfp4a16")
 
 
+def _plain_quantize_blocks(x: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    packed, scales = nvfp4.quantize_blocks(x, pts)
+    return packed, scales.view(torch.uint8)
+
+
+def _quantized_shapes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = x.shape[-1]
+    packed = x.new_empty((*x.shape[:-1], k // 2), dtype=torch.uint8)
+    return packed, x.new_empty((*x.shape[:-1], k // nvfp4.BLOCK_SIZE), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fp4::quantize_blocks", mutates_args=())
+def quantize_blocks(x: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed values and block scales of ``x`` for a given per-tensor scale ``pts``; on CUDA a Triton kernel."""
+    return _plain_quantize_blocks(x, pts)
+
+
+quantize_blocks.register_fake(lambda x, pts: _quantized_shapes(x))
+
+
+@register_decomposition(torch.ops.fp4.quantize_blocks.default)
+def _quantize_blocks_decomposition(x, pts):
+    """On CPU, plain torch that Inductor fuses with the op producing ``x``. On CUDA the op stays an extern call:
+    the Triton kernel reads ``x`` once and beats Inductor's code for this pattern several times over."""
+    if x.device.type == "cuda":
+        return NotImplemented
+    return _plain_quantize_blocks(x, pts)
+
+
 def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
-    packed, scales = nvfp4.quantize_blocks(x, pts)
-    return packed, scales.view(torch.uint8), pts
+    packed, scales = torch.ops.fp4.quantize_blocks(x, pts)
+    return packed, scales, pts
 
 
 @torch.library.custom_op("fp4::quantize_act", mutates_args=())
@@ -39,10 +70,7 @@ def quantize_act(
 
 @quantize_act.register_fake
 def _(x, global_scale=None):
-    k = x.shape[-1]
-    packed = x.new_empty((*x.shape[:-1], k // 2), dtype=torch.uint8)
-    scales = x.new_empty((*x.shape[:-1], k // nvfp4.BLOCK_SIZE), dtype=torch.uint8)
-    return packed, scales, x.new_empty((), dtype=torch.float32)
+    return (*_quantized_shapes(x), x.new_empty((), dtype=torch.float32))
 
 
 register_decomposition(torch.ops.fp4.quantize_act.default)(_quantize_act)
@@ -118,6 +146,7 @@ def _(x, w_packed, w_scales, w_pts, bias, act_pts, scheme):
 def _register_cuda_kernels() -> None:
     from . import kernels
 
+    quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
     gemm.register_kernel("cuda")(kernels.gemm)
     gemm_a16.register_kernel("cuda")(kernels.gemm_a16)
 

@@ -20,6 +20,7 @@ def test_opcheck_every_op(dtype):
     a = torch.ops.fp4.quantize_act(x)
     torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, None))
     torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, torch.tensor(0.01)))
+    torch.library.opcheck(torch.ops.fp4.quantize_blocks.default, (x, torch.tensor(0.01)))
     torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, wp, ws, wpts, bias, dtype))
     torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, wp, ws, wpts, None))
     for scheme in ("nvfp4", "nvfp4a16"):
@@ -50,3 +51,16 @@ def test_linear_rejects_unknown_scheme():
     wp, ws, wpts = _weight()
     with pytest.raises(ValueError, match="unknown scheme 'int4'"):
         torch.ops.fp4.linear(torch.randn(2, 64), wp, ws, wpts, None, None, "int4")
+
+
+def test_block_quantize_decomposes_on_cpu_and_stays_a_kernel_call_on_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fp4compile.ops import _quantize_blocks_decomposition
+
+    x, pts = torch.randn(4, 32), torch.tensor(0.01)
+    packed, scales = _quantize_blocks_decomposition(x, pts)
+    assert torch.equal(packed, fp4compile.quantize(x, pts).packed)
+    with FakeTensorMode():
+        fake_x = torch.empty(4, 32, device="cuda")
+        assert _quantize_blocks_decomposition(fake_x, torch.empty((), device="cuda")) is NotImplemented

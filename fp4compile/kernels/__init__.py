@@ -1,9 +1,18 @@
 """GEMM kernels per device family; ``ops`` registers these as the CUDA implementations of its GEMM ops.
 
-Kernels know nothing of graphs. Each entry takes the same arguments as its op (see ``ops``) and returns the
-output; shapes or devices a kernel cannot take fall back to the exact reference with a logged reason.
+Kernels know nothing of graphs. Each entry takes the same arguments as its op (see ``ops``), flattens leading
+dims to 2-D and picks a kernel by device:
+
+- compute capability 8.x / 9.x: Triton kernels (``triton_gemm``) that dequantize in registers;
+- 10.x and up: ``torch._scaled_mm`` for NVFP4 x NVFP4 (``blackwell``, untested on hardware), Triton otherwise;
+- anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
+  reason logged once per reason.
+
+The activation quantize (``quantize_blocks``) runs the Triton kernel of ``triton_quantize`` on any CUDA device.
+Triton is imported lazily, so this module imports on machines without it.
 """
 
+import functools
 import logging
 
 import torch
@@ -12,13 +21,127 @@ from .. import format as nvfp4
 
 log = logging.getLogger(__name__)
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_SCALE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
+
+
+@functools.cache
+def _fallback_notice(reason: str) -> None:
+    log.warning("fp4 kernel fallback: %s", reason)
+
+
+@functools.cache
+def _family(device_index: int) -> tuple[str, str]:
+    """("triton" | "blackwell" | "reference", why the reference) for a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 8:
+        return "reference", f"compute capability {major}.{minor} has no NVFP4 kernel (needs 8.0 or newer)"
+    try:
+        from . import triton_gemm  # noqa: F401
+    except ImportError as e:
+        return "reference", f"Triton is not importable ({e})"
+    return ("blackwell" if major >= 10 else "triton"), ""
+
+
+def _layout_problem(packed, scales, pts, name: str) -> str | None:
+    if packed.dtype != torch.uint8 or scales.dtype not in _SCALE_DTYPES:
+        return f"{name}: packed must be uint8 and scales uint8/float8_e4m3fn, got {packed.dtype}, {scales.dtype}"
+    if packed.stride(-1) != 1 or scales.stride(-1) != 1:
+        return f"{name}: packed values and scales must be contiguous along K"
+    if scales.shape[-1] * 8 != packed.shape[-1]:
+        return f"{name}: scales {tuple(scales.shape)} do not match packed {tuple(packed.shape)}"
+    if pts.numel() != 1:
+        return f"{name}: the global scale must have one element, got shape {tuple(pts.shape)}"
+    return None
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
+    """Why the fast kernels cannot take these inputs, or None."""
+    if device.type != "cuda":
+        return f"tensors are on {device.type}, the kernels run on CUDA"
+    if any(t.device != device for t in tensors if t is not None):
+        return "inputs are on different devices"
+    reason = _layout_problem(w_packed, w_scales, w_pts, "weight")
+    if reason is not None:
+        return reason
+    if w_packed.dim() != 2:
+        return f"weight must be 2-D [N, K/2], got {w_packed.dim()}-D"
+    if bias is not None and (bias.dim() != 1 or bias.stride(0) != 1):
+        return "bias must be a contiguous 1-D tensor"
+    return _family(_device_index(device))[1] or None
+
 
 def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
-    """NVFP4 x NVFP4 on CUDA."""
-    a = nvfp4.dequantize_parts(a_packed, a_scales, a_pts)
-    return nvfp4.reference_gemm(a, w_packed, w_scales, w_pts, bias, out_dtype)
+    """NVFP4 x NVFP4 on CUDA: ``[..., K/2]`` packed activation -> ``[..., N]`` of ``out_dtype``."""
+    lead, n = a_packed.shape[:-1], w_packed.shape[0]
+    tensors = (a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias)
+    reason = _problem(a_packed.device, tensors, w_packed, w_scales, w_pts, bias)
+    reason = reason or _layout_problem(a_packed, a_scales, a_pts, "activation")
+    if reason is None and out_dtype not in (*_HALF_DTYPES, torch.float32):
+        reason = f"output dtype {out_dtype} is not bf16, fp16 or fp32"
+    if reason is not None:
+        _fallback_notice(f"{reason}; running the slow exact reference")
+        a = nvfp4.dequantize_parts(a_packed, a_scales, a_pts)
+        return nvfp4.reference_gemm(a, w_packed, w_scales, w_pts, bias, out_dtype)
+    a2 = a_packed.reshape(-1, a_packed.shape[-1])
+    s2 = a_scales.reshape(-1, a_scales.shape[-1]).view(torch.uint8)
+    if a2.shape[0] == 0:
+        return a_packed.new_empty((*lead, n), dtype=out_dtype)
+    kind, _ = _family(_device_index(a_packed.device))
+    if kind == "blackwell":
+        from . import blackwell
+
+        problem = blackwell.unsupported(a2, w_packed)
+        if problem is None:
+            out = blackwell.gemm(a2, s2, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
+            return out.reshape(*lead, n)
+        _fallback_notice(f"{problem}; running the Triton kernel instead")
+    from . import triton_gemm
+
+    out = triton_gemm.gemm(a2, s2, a_pts, w_packed, w_scales.view(torch.uint8), w_pts, bias, out_dtype)
+    return out.reshape(*lead, n)
 
 
 def gemm_a16(x, w_packed, w_scales, w_pts, bias):
-    """bf16/fp16 x NVFP4 on CUDA."""
-    return nvfp4.reference_gemm(x, w_packed, w_scales, w_pts, bias, x.dtype)
+    """bf16/fp16 ``[..., K]`` x NVFP4 on CUDA -> ``[..., N]`` of ``x.dtype``."""
+    lead, n = x.shape[:-1], w_packed.shape[0]
+    reason = _problem(x.device, (x, w_packed, w_scales, w_pts, bias), w_packed, w_scales, w_pts, bias)
+    if reason is None and x.dtype not in _HALF_DTYPES:
+        reason = f"activation dtype {x.dtype} is not bf16 or fp16"
+    if reason is None and x.shape[-1] != w_packed.shape[-1] * 2:
+        reason = f"activation K={x.shape[-1]} does not match the weight's K={w_packed.shape[-1] * 2}"
+    if reason is not None:
+        _fallback_notice(f"{reason}; running the slow exact reference")
+        return nvfp4.reference_gemm(x, w_packed, w_scales, w_pts, bias, x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    from . import triton_gemm
+
+    out = triton_gemm.gemm_a16(x2, w_packed, w_scales.view(torch.uint8), w_pts, bias)
+    return out.reshape(*lead, n)
+
+
+@functools.cache
+def _triton_quantize_problem() -> str | None:
+    try:
+        from . import triton_quantize  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not importable ({e})"
+    return None
+
+
+def quantize_blocks(x, pts):
+    """NVFP4 block quantize of a CUDA activation for a given per-tensor scale -> (packed, scales) as uint8."""
+    reason = _triton_quantize_problem() or (None if pts.device == x.device else "pts is on another device")
+    if reason is not None:
+        _fallback_notice(f"{reason}; quantizing with the slow exact reference")
+        packed, scales = nvfp4.quantize_blocks(x, pts)
+        return packed, scales.view(torch.uint8)
+    from . import triton_quantize
+
+    return triton_quantize.quantize_blocks(x, pts)

@@ -1,0 +1,91 @@
+"""Triton NVFP4 activation quantize: one read of ``x``, packed e2m1 pairs and e4m3 block scales out.
+
+    S_b = e4m3(clamp((amax_block / 6) / pts, 2**-6, 448));  q = rne_e2m1(clamp(x * ((1 / pts) / S_b), -6, 6))
+
+Bit-identical to ``format.quantize_blocks``: divisions are IEEE round-to-nearest (``div_rn``, not Triton's fast
+``/``), and the e4m3 rounding is done on the fp32 bits (round to 3 mantissa bits, ties to even), which is exact
+for every scale the clamp allows (all are e4m3 normals) and needs no fp8 type, so it runs unchanged in Triton's
+CPU interpreter. The per-tensor scale ``pts`` comes in as a device scalar (computed by the caller, where Inductor
+fuses the amax with the op that produced ``x``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import format as nvfp4
+
+BLOCK_M = 16  # rows per program
+BLOCK_K = 128  # elements along K per program: 8 blocks of 16, 64 packed bytes
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _e2m1_magnitude(a):
+    """|y| in [0, 6] -> e2m1 magnitude code 0..7, round to nearest, ties to even (NVFP4.md's thresholds)."""
+    return ((a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
+            + (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8))
+
+
+@triton.jit
+def _quantize_kernel(
+    # pointers
+    x_ptr, pts_ptr, packed_ptr, scales_ptr,
+    # dims
+    M, K,
+    # strides (x may have any row stride; outputs are contiguous)
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_K] tile of x per program; rows past M and columns past K are masked."""
+    GROUPS: tl.constexpr = BLOCK_K // 16
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    xb = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS, 16))
+    pts = tl.load(pts_ptr)
+
+    # Block scales: amax and clamp keep NaN (a NaN block gets the NaN scale), then round to e4m3 on the fp32 bits.
+    s = tl.math.div_rn(tl.math.div_rn(tl.reduce(tl.abs(xb), 2, _max_keep_nan), 6.0), pts)
+    s = tl.clamp(s, 0.015625, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    bits = s.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    s = bits.to(tl.float32, bitcast=True)
+    s_code = ((((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)).to(tl.uint8)
+    s_code = tl.where(s != s, 0x7F, s_code)  # the e4m3 NaN
+
+    # Elements: multiply by the reciprocal, clamp, round onto the e2m1 grid, keep the sign bit (-0 included).
+    recip = tl.math.div_rn(tl.math.div_rn(1.0, pts), s)
+    y = tl.clamp(xb * recip[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
+    codes = tl.reshape(_e2m1_magnitude(tl.abs(y)) | sign, (BLOCK_M, BLOCK_K // 2, 2))
+    even, odd = tl.split(codes)
+    packed = even | (odd << 4)
+
+    half = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    tl.store(packed_ptr + rows[:, None] * (K // 2) + half[None, :], packed,
+             mask=(rows[:, None] < M) & (half[None, :] < K // 2))
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    tl.store(scales_ptr + rows[:, None] * (K // 16) + groups[None, :], s_code,
+             mask=(rows[:, None] < M) & (groups[None, :] < K // 16))
+
+
+def quantize_blocks(x: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``format.quantize_blocks`` on the GPU: ``x [..., K]`` -> (packed uint8 [..., K/2], scales uint8 [..., K/16])."""
+    nvfp4.check_quantizable(x)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((m, k // nvfp4.BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+    if m:
+        grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
+        _quantize_kernel[grid](x2, pts.float().reshape(()), packed, scales, m, k, x2.stride(0), x2.stride(1),
+                               BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return packed.view(*lead, k // 2), scales.view(*lead, k // nvfp4.BLOCK_SIZE)

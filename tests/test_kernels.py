@@ -1,0 +1,228 @@
+"""The NVFP4 GEMM kernels against the exact reference.
+
+On a CUDA machine the Triton kernels run on the GPU; elsewhere they run on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1, set here before the kernels module is imported) at small sizes.
+Every check draws fresh random inputs, fills the output with NaN first (so every element must be written) and
+compares the fp32 result (before the final cast) with an fp64 product of the dequantized operands.
+"""
+
+import importlib
+import logging
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from fp4compile import format as nvfp4  # noqa: E402
+from fp4compile import kernels  # noqa: E402
+from fp4compile.kernels import blackwell  # noqa: E402
+from fp4compile.kernels import triton_gemm  # noqa: E402
+
+if not CUDA:  # kernels decorated before TRITON_INTERPRET was set would try to compile for a GPU
+    triton_gemm = importlib.reload(triton_gemm)
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the CPU runs the interpreter at small sizes)")
+REL_TOL = 1e-5  # fp32 accumulation of exact products, relative to ||ref||
+
+
+@pytest.fixture(autouse=True)
+def _default_configs(monkeypatch):
+    """Each bucket's default config (no timing runs); test_every_config covers the other configs."""
+    monkeypatch.setattr(triton_gemm, "AUTOTUNE", False)
+
+
+def random_nvfp4(rows, k, *, raw=False):
+    """(packed, scales as uint8, pts) of a random [rows, k] NVFP4 tensor, on DEVICE.
+
+    raw=False quantizes Gaussian data with the reference; raw=True draws every bit pattern: all 16 e2m1 codes
+    (-0 too) and every finite e4m3 scale, subnormals included.
+    """
+    if raw:
+        packed = torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8)
+        scales = torch.randint(0, 255, (rows, k // 16), dtype=torch.uint8)
+        scales[(scales & 0x7F) == 0x7F] = 0x3F  # NaN patterns -> 1.875
+        pts = torch.tensor(2.0 ** torch.randint(-4, 4, ()).item() * 1.37)
+        return packed.to(DEVICE), scales.to(DEVICE), pts.to(DEVICE)
+    q = nvfp4.quantize(torch.randn(rows, k) * torch.rand(rows, 1) * 10)
+    return q.packed.to(DEVICE), q.scales.view(torch.uint8).to(DEVICE), q.global_scale.to(DEVICE)
+
+
+def dequant64(packed, scales, pts):
+    return nvfp4.dequantize_parts(packed.cpu(), scales.cpu(), None).double() * pts.cpu().double()
+
+
+def check(out32, ref, out, dtype):
+    """fp32 result within REL_TOL of the fp64 reference; the cast result within one rounding of it."""
+    assert not out32.isnan().any() and not out.isnan().any(), "an output element was not written"
+    ref = ref.double()
+    err = ((out32.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+    assert err <= REL_TOL, f"fp32 result off by {err:.2e} relative"
+    eps = torch.finfo(dtype).eps
+    bound = eps * ref.abs() + REL_TOL * ref.abs().max()
+    assert ((out.cpu().double() - ref).abs() <= bound).all(), "the cast result is off by more than one rounding"
+
+
+def run_case(op, m, n, k, dtype, with_bias, *, raw=False, x=None, cast=True):
+    """One random problem through the kernels; ``cast=False`` checks only the fp32 output (fewer compiles)."""
+    w = random_nvfp4(n, k, raw=raw)
+    bias = (torch.randn(n) * 3).to(dtype).to(DEVICE) if with_bias else None
+    bias64 = bias.cpu().double() if with_bias else 0.0
+    out_dtypes = (torch.float32, dtype) if cast else (torch.float32,)
+    poisoned = [torch.full((m, n), float("nan"), device=DEVICE, dtype=t) for t in out_dtypes]
+    if op == "a16":
+        x = (torch.randn(m, k) * 4).to(dtype).to(DEVICE) if x is None else x
+        ref = x.cpu().double() @ dequant64(*w).t() + bias64
+        outs = [triton_gemm.gemm_a16(x, *w, bias, out_dtype=p.dtype, out=p) for p in poisoned]
+    else:
+        a = random_nvfp4(m, k, raw=raw)
+        ref = dequant64(*a) @ dequant64(*w).t() + bias64
+        outs = [triton_gemm.gemm(*a, *w, bias, p.dtype, out=p) for p in poisoned]
+    check(outs[0], ref, outs[-1], dtype if cast else torch.float32)
+
+
+SIZES_M = (1, 3, 16, 17, 128) + ((1000,) if CUDA else ())
+# Each distinct dtype / bias / divisibility combination is a separate GPU compile: there, fewer combinations.
+DTYPE_BIAS = ((torch.bfloat16, True), (torch.float16, False))
+if not CUDA:
+    DTYPE_BIAS += ((torch.bfloat16, False), (torch.float16, True))
+
+
+@pytest.mark.parametrize(("dtype", "with_bias"), DTYPE_BIAS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("n", (16, 100))
+@pytest.mark.parametrize("k", (16, 48))
+@pytest.mark.parametrize("m", SIZES_M)
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_small_k(op, m, k, n, dtype, with_bias):
+    run_case(op, m, n, k, dtype, with_bias, cast=not CUDA)
+
+
+@pytest.mark.parametrize("m", SIZES_M if CUDA else (1, 17))
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_k4096(op, m):
+    run_case(op, m, 100 if CUDA else 16, 4096, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("m", (1, 5, 40, 300))
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_every_bit_pattern(op, m):
+    """All e2m1 codes and all finite e4m3 scales (subnormal ones too, which quantize never makes)."""
+    run_case(op, m, 48, 96, torch.bfloat16, False, raw=True)
+
+
+@pytest.mark.parametrize("m", (1, 20))
+def test_awkward_activations(m):
+    """Zeros, tiny and huge activations, and exact ties of the bf16 grid."""
+    x = torch.randn(m, 64) * 4
+    x[0, :16] = 0.0
+    x[:, 16:32] = 1e-30
+    x[:, 32:40] = 1e20
+    x[:, 40:48] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    run_case("a16", m, 32, 64, torch.bfloat16, True, x=x.bfloat16().to(DEVICE))
+
+
+@gpu_only
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_every_tiled_config(op):
+    """Each tuned configuration computes the same function (also warms the compile cache for the bench)."""
+    m, n, k = 16, 256, 1024
+    w = random_nvfp4(n, k)
+    if op == "a16":
+        x = torch.randn(m, k, device=DEVICE).bfloat16()
+        a, ref = (x, None, None), x.cpu().double() @ dequant64(*w).t()
+    else:
+        a = random_nvfp4(m, k)
+        ref = dequant64(*a) @ dequant64(*w).t()
+    for config in triton_gemm._TILED_CONFIGS:
+        out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        triton_gemm.launch_tiled(*a, *w, None, out, config=config)
+        err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+        assert not out.isnan().any() and err < 2**-7, f"config {config}: relative error {err:.2e}"
+
+
+@gpu_only
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_every_gemv_config(op):
+    n, k = 256, 1024
+    w = random_nvfp4(n, k)
+    if op == "a16":
+        x = torch.randn(1, k, device=DEVICE).bfloat16()
+        a, ref = (x, None, None), x.cpu().double() @ dequant64(*w).t()
+    else:
+        a = random_nvfp4(1, k)
+        ref = dequant64(*a) @ dequant64(*w).t()
+    for config in triton_gemm._GEMV_CONFIGS:
+        out = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        triton_gemm.launch_gemv(*a, *w, None, out, config=config)
+        err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+        assert not out.isnan().any() and err < 2**-7, f"config {config}: relative error {err:.2e}"
+
+
+@gpu_only
+def test_ops_dispatch_leading_dims():
+    """The custom ops on CUDA reach the kernels, with leading dims flattened and restored."""
+    w = random_nvfp4(64, 128)
+    x = torch.randn(2, 3, 128, device=DEVICE).bfloat16()
+    out = torch.ops.fp4.gemm_a16(x, *w, None)
+    ref = nvfp4.reference_gemm(x.cpu(), *(t.cpu() for t in w), None, torch.float32).to(DEVICE)
+    assert out.shape == (2, 3, 64) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
+    a = torch.ops.fp4.quantize_act(x, None)
+    out = torch.ops.fp4.gemm(*a, *w, None, torch.float16)
+    ref = nvfp4.reference_gemm(nvfp4.dequantize_parts(*(t.cpu() for t in a)), *(t.cpu() for t in w), None,
+                               torch.float32).to(DEVICE)
+    assert out.shape == (2, 3, 64) and out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-9, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
+def test_dequantize_kernel_is_exact(dtype):
+    """The cuBLAS path's scratch operand equals the reference's e2m1 * S_b bit for bit (odd sizes, all patterns)."""
+    packed, scales, _ = random_nvfp4(37, 80, raw=True)
+    expected = nvfp4.dequantize_parts(packed.cpu(), scales.cpu(), None).to(dtype)
+    assert torch.equal(triton_gemm.dequantize(packed, scales, dtype).cpu(), expected)
+
+
+def test_fallback_logs_reason_once(caplog):
+    """Inputs the kernels cannot take run the reference, and the reason is logged once."""
+    w = random_nvfp4(32, 64)
+    x = torch.randn(4, 64)  # fp32 activation (and, without a GPU, a CPU tensor)
+    cpu_w = [t.cpu() for t in w]
+    with caplog.at_level(logging.WARNING, logger="fp4compile.kernels"):
+        out = kernels.gemm_a16(x.to(DEVICE), *w, None)
+        kernels.gemm_a16(x.to(DEVICE), *w, None)
+    torch.testing.assert_close(out.cpu(), nvfp4.reference_gemm(x, *cpu_w, None, torch.float32))
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 1 and "reference" in reasons[0], reasons
+
+
+def test_swizzle_matches_formula():
+    """format.swizzle_scales against NVFP4.md's byte-offset formula, padding zeros included."""
+    for rows, cols in ((3, 5), (128, 4), (130, 8), (257, 3)):
+        scales = torch.randint(1, 256, (rows, cols), dtype=torch.uint8)
+        r_pad, c_pad = -(-rows // 128) * 128, -(-cols // 4) * 4
+        expected = torch.zeros(r_pad * c_pad, dtype=torch.uint8)
+        for r in range(rows):
+            for c in range(cols):
+                offset = ((r // 128) * (c_pad // 4) + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4
+                expected[offset] = scales[r, c]
+        assert torch.equal(nvfp4.swizzle_scales(scales), expected), (rows, cols)
+
+
+def test_blackwell_scaled_mm_call_on_meta():
+    """The sm_100 call passes torch._scaled_mm's argument checks (meta tensors; untested on hardware)."""
+    m, n, k = 5, 48, 64
+    meta = {"device": "meta", "dtype": torch.uint8}
+    args = blackwell.scaled_mm_args(torch.empty(m, k // 2, **meta), torch.empty(m, k // 16, **meta),
+                                    torch.empty(n, k // 2, **meta), torch.empty(n, k // 16, **meta))
+    assert args[0].dtype == torch.float4_e2m1fn_x2 and args[2].dtype == torch.float8_e4m3fn
+    out = torch._scaled_mm(*args, out_dtype=torch.float32)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert blackwell.unsupported(args[0].view(torch.uint8), torch.empty(n, k // 2, **meta)) is None
+    assert "N % 16" in blackwell.unsupported(None, torch.empty(40, k // 2, **meta))

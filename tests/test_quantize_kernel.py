@@ -1,0 +1,70 @@
+"""The Triton activation quantize against the format's reference, bit for bit.
+
+On a CUDA machine it runs on the GPU; elsewhere on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
+set here before the kernel module is imported).
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from fp4compile import format as nvfp4  # noqa: E402
+from fp4compile.kernels import triton_quantize  # noqa: E402
+
+if not CUDA:  # a module decorated before TRITON_INTERPRET was set would try to compile for a GPU
+    triton_quantize = importlib.reload(triton_quantize)
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def check_bitwise(x: torch.Tensor, pts: torch.Tensor | None = None):
+    pts = nvfp4.global_scale_of(x) if pts is None else pts
+    packed, scales = triton_quantize.quantize_blocks(x.to(DEVICE), pts.to(DEVICE))
+    ref_packed, ref_scales = nvfp4.quantize_blocks(x, pts)
+    assert torch.equal(scales.cpu(), ref_scales.view(torch.uint8)), "block scales differ"
+    assert torch.equal(packed.cpu(), ref_packed), "packed values differ"
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (3, 48), (17, 272), (5, 2, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_random_inputs_bit_identical(shape, dtype):
+    x = (torch.randn(shape) * torch.rand(*shape[:-1], 1) * 10).to(dtype)
+    check_bitwise(x)
+
+
+def test_awkward_values_bit_identical():
+    x = torch.randn(8, 64)
+    x[0] = 0.0  # an all-zero block row
+    x[1] = 1e-30  # tiny: block scales hit the 2**-6 floor
+    x[2, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -0.0])
+    x[3] *= 1e30  # huge
+    x[4, 3] = -0.0
+    check_bitwise(x)
+    check_bitwise(x, torch.tensor(1.0))  # a static scale far from amax: block scales clamp at both ends
+    check_bitwise(x[:, :32], torch.tensor(1 / 448 / 6 * 6))
+
+
+def test_ties_on_every_e2m1_boundary():
+    # Single block with max 6 and pts = 1/448: block scale (6/6)/(1/448) = 448 -> y = x exactly.
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    x = torch.cat([ties, -ties]).reshape(1, 16)
+    check_bitwise(x, torch.tensor(1 / 448))
+
+
+def test_non_contiguous_rows():
+    x = torch.randn(64, 10).t()  # [10, 64], column stride 10
+    check_bitwise(x)
+
+
+def test_nan_gives_nan_scales_and_no_crash():
+    x = torch.randn(2, 32)
+    x[0, 5] = float("nan")
+    packed, scales = triton_quantize.quantize_blocks(x.to(DEVICE), torch.tensor(0.01, device=DEVICE))
+    assert scales[0, 0].item() == 0x7F and scales[1].ne(0x7F).all()
