@@ -103,7 +103,17 @@ def _operands(node: fx.Node):
     return None
 
 
-def _skip_reason(x, weight: torch.Tensor, weight_kn: bool) -> str | None:
+EMBEDDING_TARGETS = (torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default)
+
+
+def _reads_as_embedding(weight_node: fx.Node) -> bool:
+    return any(u.op == "call_function" and u.target in EMBEDDING_TARGETS and u.args[1] is weight_node
+               for u in weight_node.users)
+
+
+def _skip_reason(x, weight_node: fx.Node, weight: torch.Tensor, weight_kn: bool) -> str | None:
+    if _reads_as_embedding(weight_node):
+        return "weight is shared with an embedding (a tied lm_head): kept in high precision"
     xv = _val(x)
     if weight.dim() != 2:
         return f"weight is {weight.dim()}-D, not 2-D"
@@ -143,7 +153,7 @@ def _match(node: fx.Node) -> Linear | None:
     elif kind == "scaled_addmm":
         reason = "addmm with alpha or beta other than 1"
     else:
-        reason = _skip_reason(x, weight, weight_kn)
+        reason = _skip_reason(x, weight_node, weight, weight_kn)
     return Linear(node, x, weight_node, bias, weight_kn, name, reason)
 
 

@@ -27,7 +27,7 @@ from torch._dynamo.source import ConstantSource
 from fp4compile import format as nvfp4
 from fp4compile.ops import SCHEMES
 
-from .match import Linear, find_linears, stored_tensor
+from .match import ADDMM_TARGETS, Linear, find_linears, stored_tensor
 
 
 @dataclass
@@ -249,8 +249,10 @@ def rewrite_linears(
                 out = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")
         out.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(out)
+        rhs = node.args[2] if node.target in ADDMM_TARGETS else node.args[1]
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+        if rhs is not m.weight and isinstance(rhs, fx.Node) and not rhs.users:  # the transpose only it used
+            gm.graph.erase_node(rhs)
     gm.graph.lint()
     gm.recompile()
     return report, embedded

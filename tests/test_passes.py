@@ -286,6 +286,30 @@ class NotLinear(nn.Module):
         return scores.sum() + computed.sum() + scaled.sum() + (x @ y).sum()
 
 
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body = nn.Embedding(64, 32), nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 64, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.lm_head(self.body(self.embed(tokens)))
+
+
+class CacheWrite(nn.Module):
+    """A static KV cache: an in-place write whose result nobody reads must survive the pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.register_buffer("cache", torch.zeros(8, 32))
+
+    def forward(self, x, pos):
+        self.cache.index_copy_(0, pos, self.proj(x))
+        return self.cache.sum(0)
+
+
 class TestMatching(TestCase):
     def test_every_transpose_spelling_and_buffers_match(self):
         _, report = rewrite(Forms(), torch.randn(4, 64))
@@ -301,6 +325,16 @@ class TestMatching(TestCase):
              "weight is computed at run time, not a parameter"],
         )
         self.assertNotIn("fp4.", graph)
+
+    def test_tied_lm_head_stays_high_precision_whatever_its_name(self):
+        _, report = rewrite(TiedHead(), torch.randint(0, 64, (2, 5)), skip=())
+        self.assertEqual([d.name for d in report.rewritten], ["body"])
+        self.assertIn("shared with an embedding", report.skipped[0].reason)
+
+    def test_in_place_writes_with_unused_results_are_kept(self):
+        graph, report = rewrite(CacheWrite(), torch.randn(2, 32), torch.tensor([1, 3]))
+        self.assertEqual(len(report.rewritten), 1)
+        self.assertIn("index_copy_", graph)
 
     def test_skip_patterns_leave_layers_alone(self):
         _, report = rewrite(QKV(), torch.randn(4, 32), skip=("k", "v*"))
