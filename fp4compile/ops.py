@@ -11,7 +11,7 @@ Weights are ``[N, K]`` (K contiguous). Packed values and block scales cross ever
 buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
 
 ``quantize_act`` decomposes for Inductor into the amax (plain torch, fused with the op that produces the
-activation) and ``quantize_blocks``, itself plain torch on CPU (fused too) and a Triton kernel on CUDA. The GEMMs
+activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA. The GEMMs
 are opaque extern calls; on CUDA they dispatch to ``kernels``.
 The output dtype of a GEMM is the activation's dtype (``gemm`` gets it from ``out_dtype``).
 """
@@ -45,18 +45,16 @@ def quantize_blocks(x: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, t
 quantize_blocks.register_fake(lambda x, pts: _quantized_shapes(x))
 
 
-@register_decomposition(torch.ops.fp4.quantize_blocks.default)
-def _quantize_blocks_decomposition(x, pts):
-    """On CPU, plain torch that Inductor fuses with the op producing ``x``. On CUDA the op stays an extern call:
-    the Triton kernel reads ``x`` once and beats Inductor's code for this pattern several times over."""
-    if x.device.type == "cuda":
-        return NotImplemented
-    return _plain_quantize_blocks(x, pts)
+def _block_quantizer(device: torch.device):
+    """How ``quantize_act`` quantizes its blocks on ``device``. On CPU: plain torch, which Inductor fuses with the op
+    producing the activation. On CUDA: the ``quantize_blocks`` op (a Triton kernel, an extern call for Inductor),
+    which reads the activation once and beats Inductor's code for this pattern several times over."""
+    return torch.ops.fp4.quantize_blocks if device.type == "cuda" else _plain_quantize_blocks
 
 
 def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
-    packed, scales = torch.ops.fp4.quantize_blocks(x, pts)
+    packed, scales = _block_quantizer(x.device)(x, pts)
     return packed, scales, pts
 
 

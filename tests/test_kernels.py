@@ -1,30 +1,23 @@
 """The NVFP4 GEMM kernels against the exact reference.
 
 On a CUDA machine the Triton kernels run on the GPU; elsewhere they run on CPU tensors under Triton's
-interpreter (TRITON_INTERPRET=1, set here before the kernels module is imported) at small sizes.
+interpreter (TRITON_INTERPRET=1, set by conftest.py before anything imports triton) at small sizes.
 Every check draws fresh random inputs, fills the output with NaN first (so every element must be written) and
 compares the fp32 result (before the final cast) with an fp64 product of the dequantized operands.
 """
 
-import importlib
 import logging
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile import kernels  # noqa: E402
 from fp4compile.kernels import blackwell  # noqa: E402
 from fp4compile.kernels import triton_gemm  # noqa: E402
-
-if not CUDA:  # kernels decorated before TRITON_INTERPRET was set would try to compile for a GPU
-    triton_gemm = importlib.reload(triton_gemm)
 
 DEVICE = "cuda" if CUDA else "cpu"
 

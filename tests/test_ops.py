@@ -53,14 +53,10 @@ def test_linear_rejects_unknown_scheme():
         torch.ops.fp4.linear(torch.randn(2, 64), wp, ws, wpts, None, None, "int4")
 
 
-def test_block_quantize_decomposes_on_cpu_and_stays_a_kernel_call_on_cuda():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from fp4compile.ops import _quantize_blocks_decomposition
+def test_block_quantize_is_plain_torch_on_cpu_and_the_kernel_op_on_cuda():
+    from fp4compile.ops import _block_quantizer
 
     x, pts = torch.randn(4, 32), torch.tensor(0.01)
-    packed, scales = _quantize_blocks_decomposition(x, pts)
+    packed, scales = _block_quantizer(x.device)(x, pts)
     assert torch.equal(packed, fp4compile.quantize(x, pts).packed)
-    with FakeTensorMode():
-        fake_x = torch.empty(4, 32, device="cuda")
-        assert _quantize_blocks_decomposition(fake_x, torch.empty((), device="cuda")) is NotImplemented
+    assert _block_quantizer(torch.device("cuda")) is torch.ops.fp4.quantize_blocks

@@ -1,27 +1,17 @@
 """The Triton activation quantize against the format's reference, bit for bit.
 
-On a CUDA machine it runs on the GPU; elsewhere on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
-set here before the kernel module is imported).
+On a CUDA machine it runs on the GPU; elsewhere on CPU tensors under Triton's interpreter (conftest.py).
 """
-
-import importlib
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.kernels import triton_quantize  # noqa: E402
 
-if not CUDA:  # a module decorated before TRITON_INTERPRET was set would try to compile for a GPU
-    triton_quantize = importlib.reload(triton_quantize)
-
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_bitwise(x: torch.Tensor, pts: torch.Tensor | None = None):

@@ -20,11 +20,6 @@ BLOCK_K = 128  # elements along K per program: 8 blocks of 16, 64 packed bytes
 
 
 @triton.jit
-def _max_keep_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _e2m1_magnitude(a):
     """|y| in [0, 6] -> e2m1 magnitude code 0..7, round to nearest, ties to even (NVFP4.md's thresholds)."""
     return ((a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
@@ -51,9 +46,12 @@ def _quantize_kernel(
     xb = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS, 16))
     pts = tl.load(pts_ptr)
 
-    # Block scales: amax and clamp keep NaN (a NaN block gets the NaN scale), then round to e4m3 on the fp32 bits.
-    s = tl.math.div_rn(tl.math.div_rn(tl.reduce(tl.abs(xb), 2, _max_keep_nan), 6.0), pts)
-    s = tl.clamp(s, 0.015625, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    # Block scales: a block holding a NaN gets the NaN scale, as in torch (tl.max drops NaN, so flag it apart);
+    # the others are clamped, then rounded to e4m3 on the fp32 bits.
+    has_nan = tl.max((xb != xb).to(tl.int32), axis=2) > 0
+    s = tl.math.div_rn(tl.math.div_rn(tl.max(tl.abs(xb), axis=2), 6.0), pts)
+    nan = tl.full(s.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
+    s = tl.where(has_nan, nan, tl.clamp(s, 0.015625, 448.0, propagate_nan=tl.PropagateNan.ALL))
     bits = s.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
     s = bits.to(tl.float32, bitcast=True)
