@@ -28,6 +28,9 @@ except ImportError:  # a source checkout that was not pip-installed: passes/ sit
 log = logging.getLogger("fp4compile")
 
 FP4_OPTIONS = ("scheme", "skip", "report")
+# Inductor keeps fused bf16/fp16 intermediates in fp32 unless told otherwise; the activation quantize must see the
+# values eager mode would (a rounding skipped before an NVFP4 quantize moves elements across e2m1 boundaries).
+INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
 
 
 @dataclass
@@ -40,7 +43,7 @@ class BackendOptions:
     @classmethod
     def parse(cls, options: dict | None, mode: str | None) -> "BackendOptions":
         options = dict(options or {})
-        inductor = {k: v for k, v in options.items() if k not in FP4_OPTIONS}
+        inductor = {**INDUCTOR_DEFAULTS, **{k: v for k, v in options.items() if k not in FP4_OPTIONS}}
         if mode is not None:
             inductor = {**torch._inductor.list_mode_options(mode), **inductor}
         scheme = options.get("scheme", cls.scheme)

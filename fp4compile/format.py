@@ -86,14 +86,13 @@ def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """Decode uint8 e2m1 codes (0..15) to fp32."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=codes.device)
-    return table[codes.long()]
+    """Decode uint8 e2m1 codes (0..15) to fp32: magnitude ``m/2`` for exponent 0, else ``2**(e-1) * (1 + m/2)``.
 
-
-def _byte_to_pair(device) -> torch.Tensor:
-    """A [256, 2] table: the two e2m1 values (low nibble first) each packed byte stands for."""
-    return e2m1_to_float(unpack(torch.arange(256, dtype=torch.uint8, device=device)).view(256, 2))
+    Arithmetic rather than a table lookup, so Inductor fuses it into one pointwise kernel with what follows."""
+    exponent = ((codes >> 1) & 3).float()
+    half_mantissa = (codes & 1).float() * 0.5
+    magnitude = torch.where(exponent == 0, half_mantissa, torch.exp2(exponent - 1) * (1 + half_mantissa))
+    return torch.where((codes & 8) != 0, -magnitude, magnitude)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,8 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack`: uint8 ``[..., K/2]`` to codes ``[..., K]``."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    shift = torch.arange(0, 8, 4, dtype=torch.uint8, device=packed.device)  # [0, 4]: low nibble first
+    return ((packed.unsqueeze(-1) >> shift) & 0xF).flatten(-2)
 
 
 def quantize_blocks(x: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ def dequantize_parts(
     """
     if scales.dtype == torch.uint8:
         scales = scales.view(torch.float8_e4m3fn)
-    values = _byte_to_pair(packed.device)[packed.long()].flatten(-2).unflatten(-1, (-1, BLOCK_SIZE))
+    values = e2m1_to_float(unpack(packed)).unflatten(-1, (-1, BLOCK_SIZE))
     out = values * scales.float().unsqueeze(-1)
     if pts is not None:
         out = out * pts.float()

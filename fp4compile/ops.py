@@ -78,38 +78,92 @@ def _out_shape(lead: torch.Size, w_packed: torch.Tensor) -> tuple[int, ...]:
     return (*lead, w_packed.shape[0])
 
 
-@torch.library.custom_op("fp4::gemm", mutates_args=())
-def gemm(
-    a_packed: torch.Tensor,
-    a_scales: torch.Tensor,
-    a_pts: torch.Tensor,
-    w_packed: torch.Tensor,
-    w_scales: torch.Tensor,
-    w_pts: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """NVFP4 activation x NVFP4 weight: ``dequant(a) @ dequant(w).T + bias`` in fp32, returned as ``out_dtype``."""
+def _reference_gemm_nvfp4(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     a = nvfp4.dequantize_parts(a_packed, a_scales, a_pts)
     return nvfp4.reference_gemm(a, w_packed, w_scales, w_pts, bias, out_dtype)
 
 
-@gemm.register_fake
-def _(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
-    return a_packed.new_empty(_out_shape(a_packed.shape[:-1], w_packed), dtype=out_dtype)
-
-
-@torch.library.custom_op("fp4::gemm_a16", mutates_args=())
-def gemm_a16(
-    x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_pts: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """High-precision activation x NVFP4 weight: ``x @ dequant(w).T + bias`` in fp32, returned as ``x.dtype``."""
+def _reference_gemm_a16(x, w_packed, w_scales, w_pts, bias):
     return nvfp4.reference_gemm(x, w_packed, w_scales, w_pts, bias, x.dtype)
 
 
-@gemm_a16.register_fake
-def _(x, w_packed, w_scales, w_pts, bias):
+def _gemm_fake(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
+    return a_packed.new_empty(_out_shape(a_packed.shape[:-1], w_packed), dtype=out_dtype)
+
+
+def _gemm_a16_fake(x, w_packed, w_scales, w_pts, bias):
     return x.new_empty(_out_shape(x.shape[:-1], w_packed))
+
+
+# Each GEMM exists twice with the same meaning: the op the passes emit (fp4::gemm, fp4::gemm_a16), which Inductor
+# decomposes (see _gemm_plan), and the kernel op (fp4::gemm_kernel, fp4::gemm_a16_kernel), which it never does.
+_GEMM_SIG = dict(mutates_args=(), schema=(
+    "(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor w_packed, Tensor w_scales, Tensor w_pts, "
+    "Tensor? bias, ScalarType out_dtype) -> Tensor"))
+_GEMM_A16_SIG = dict(mutates_args=(), schema=(
+    "(Tensor x, Tensor w_packed, Tensor w_scales, Tensor w_pts, Tensor? bias) -> Tensor"))
+
+gemm = torch.library.custom_op("fp4::gemm", _reference_gemm_nvfp4, **_GEMM_SIG)
+gemm_kernel = torch.library.custom_op("fp4::gemm_kernel", _reference_gemm_nvfp4, **_GEMM_SIG)
+gemm_a16 = torch.library.custom_op("fp4::gemm_a16", _reference_gemm_a16, **_GEMM_A16_SIG)
+gemm_a16_kernel = torch.library.custom_op("fp4::gemm_a16_kernel", _reference_gemm_a16, **_GEMM_A16_SIG)
+for _op in (gemm, gemm_kernel):
+    _op.register_fake(_gemm_fake)
+for _op in (gemm_a16, gemm_a16_kernel):
+    _op.register_fake(_gemm_a16_fake)
+
+
+@torch.library.custom_op("fp4::mm_f32", mutates_args=())
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ b [N, K].T`` accumulated and returned in fp32 (on CUDA: cuBLAS with bf16/fp16 operands)."""
+    return a.float() @ b.float().t()
+
+
+@mm_f32.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
+
+
+def _rows(x: torch.Tensor):
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias, lead, out_dtype: torch.dtype) -> torch.Tensor:
+    out = acc * alpha
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype).reshape(*lead, acc.shape[-1])
+
+
+def _gemm_plan(x: torch.Tensor) -> str:
+    """How Inductor runs a GEMM whose activation (or its packed form) is ``x``:
+
+    - "kernel": the kernel op, an extern call: on CPU the exact reference, on CUDA with one row the Triton GEMV,
+      which reads the packed weight once;
+    - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
+      fp4::mm_f32 (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
+      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small.
+    """
+    return "dequantize" if x.device.type == "cuda" and _rows(x) != 1 else "kernel"
+
+
+@register_decomposition(torch.ops.fp4.gemm.default)
+def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
+    if _gemm_plan(a_packed) == "kernel":
+        return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
+    a = nvfp4.dequantize_parts(a_packed.flatten(0, -2), a_scales.flatten(0, -2), None, torch.bfloat16)
+    w = nvfp4.dequantize_parts(w_packed, w_scales, None, torch.bfloat16)
+    acc = torch.ops.fp4.mm_f32(a, w)
+    return _epilogue(acc, a_pts * w_pts, bias, a_packed.shape[:-1], out_dtype)
+
+
+@register_decomposition(torch.ops.fp4.gemm_a16.default)
+def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias):
+    if _gemm_plan(x) == "kernel":
+        return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
+    w = nvfp4.dequantize_parts(w_packed, w_scales, None, x.dtype)
+    acc = torch.ops.fp4.mm_f32(x.flatten(0, -2), w)
+    return _epilogue(acc, w_pts, bias, x.shape[:-1], x.dtype)
 
 
 def nvfp4_linear(x, w_packed, w_scales, w_pts, bias, act_pts, scheme: Scheme) -> torch.Tensor:
@@ -145,8 +199,11 @@ def _register_cuda_kernels() -> None:
     from . import kernels
 
     quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
-    gemm.register_kernel("cuda")(kernels.gemm)
-    gemm_a16.register_kernel("cuda")(kernels.gemm_a16)
+    for op in (gemm, gemm_kernel):
+        op.register_kernel("cuda")(kernels.gemm)
+    for op in (gemm_a16, gemm_a16_kernel):
+        op.register_kernel("cuda")(kernels.gemm_a16)
+    mm_f32.register_kernel("cuda")(kernels.mm_f32)
 
 
 _register_cuda_kernels()

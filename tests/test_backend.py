@@ -204,7 +204,8 @@ def test_report_option_collects_reports():
 
 def test_options_split_between_fp4_and_inductor():
     parsed = BackendOptions.parse({"scheme": "nvfp4a16", "triton.cudagraphs": True, "skip": "head"}, None)
-    assert (parsed.scheme, parsed.skip, parsed.inductor) == ("nvfp4a16", ("head",), {"triton.cudagraphs": True})
+    assert (parsed.scheme, parsed.skip) == ("nvfp4a16", ("head",))
+    assert parsed.inductor == {"emulate_precision_casts": True, "triton.cudagraphs": True}
     assert BackendOptions.parse(None, "reduce-overhead").inductor["triton.cudagraphs"] is True
     with pytest.raises(ValueError, match="unknown scheme 'fp8'"):
         BackendOptions.parse({"scheme": "fp8"}, None)
@@ -214,3 +215,23 @@ def test_unknown_inductor_option_is_an_error():
     with pytest.raises(Exception, match="no_such_option"):
         with torch.no_grad():
             compile_fp4(MLP(), no_such_option=1)(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
+def test_multi_row_cuda_plan_compiles_and_matches(monkeypatch, scheme):
+    """The CUDA plan for more than one row (dequantize, fp4::mm_f32, epilogue), forced onto the CPU."""
+    import fp4compile.ops
+
+    monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x: "dequantize" if x.numel() > x.shape[-1] else "kernel")
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # its key does not see the patched plan
+    torch.manual_seed(0)
+    model, x = MLP().to(torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, code = run_and_get_code(compile_fp4(model, scheme=scheme), x)
+        out = compile_fp4(model, scheme=scheme)(x)
+    assert "torch.ops.fp4.mm_f32" in code[0] and "torch.ops.fp4.gemm" not in code[0]
+    torch.testing.assert_close(out, emulate_mlp(model, x, scheme), rtol=1e-2, atol=1e-3)
+    one_row = torch.randn(1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, code = run_and_get_code(compile_fp4(model, scheme=scheme), one_row)
+    assert "torch.ops.fp4.gemm" in code[0] and "torch.ops.fp4.mm_f32" not in code[0]

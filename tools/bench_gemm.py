@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 tools/bench_gemm.py [--out bench.json] [--shapes 4096x4096,...] [--ms 1,16,...]
 
 For each weight shape (N, K) and batch M: the median time (triton.testing.do_bench, L2 flushed between runs) of
-cuBLAS bf16 ``F.linear``, fp4compile nvfp4a16 (``torch.ops.fp4.gemm_a16``) and nvfp4 (the torch.compile'd
-activation quantize followed by ``torch.ops.fp4.gemm``, as the backend runs them), the quantize alone, the
+cuBLAS bf16 ``F.linear``, fp4compile nvfp4a16 (``torch.ops.fp4.gemm_a16``) and nvfp4 (activation quantize then
+``torch.ops.fp4.gemm``), both under torch.compile as the backend runs them, the quantize alone, the
 ratios to bf16 and the floors (bytes over the measured copy bandwidth, FLOPs over the measured bf16 rate). At
 decode sizes and M=128 it also times CUDA-graph replays over enough weight copies to miss L2. Each fp4 result is checked
 against an fp32 product of the dequantized operands. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
@@ -68,16 +68,16 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_point(n, k, m, weights, ceil, quant) -> dict:
+def bench_point(n, k, m, weights, ceil, quant, a16_compiled, w4a4_compiled) -> dict:
     w_bf16, w_fp4 = weights
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w_deq = nvfp4.dequantize_parts(*w_fp4)
 
     def a16(w=w_fp4):
-        return torch.ops.fp4.gemm_a16(x, *w, None)
+        return a16_compiled(x, *w)
 
     def w4a4(w=w_fp4):
-        return torch.ops.fp4.gemm(*quant(x), *w, None, torch.bfloat16)
+        return w4a4_compiled(x, *w)
 
     a_deq = nvfp4.dequantize_parts(*quant(x))
     row = {
@@ -128,6 +128,11 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     torch._dynamo.config.cache_size_limit = 64
     quant = torch.compile(lambda x: torch.ops.fp4.quantize_act(x, None), dynamic=False)
+    # The GEMMs as the fp4 backend runs them: Inductor compiles the ops' decompositions (GEMV kernel at one row,
+    # dequantize + cuBLAS + fused epilogue above), with the weights as inputs.
+    a16_compiled = torch.compile(lambda x, *w: torch.ops.fp4.gemm_a16(x, *w, None), dynamic=False)
+    w4a4_compiled = torch.compile(
+        lambda x, *w: torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x, None), *w, None, torch.bfloat16), dynamic=False)
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     result.update(ceilings())
@@ -139,7 +144,7 @@ def main() -> None:
         weights = ((w,), (q.packed, q.scales.view(torch.uint8), q.global_scale))
         for m in ms:
             t0 = time.time()
-            row = bench_point(n, k, m, weights, result, quant)
+            row = bench_point(n, k, m, weights, result, quant, a16_compiled, w4a4_compiled)
             row["wall_s"] = time.time() - t0
             result["rows"].append(row)
             print(json.dumps({key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
