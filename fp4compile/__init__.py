@@ -2,7 +2,21 @@
 
 from . import ops
 from .backend import explain
+from .calibrate import CalibrationReport, calibrate
+from .checkpoint import CheckpointError, load, save
 from .format import NVFP4Tensor, dequantize, quantize
 from .modules import NVFP4Linear
 
-__all__ = ["NVFP4Linear", "NVFP4Tensor", "dequantize", "explain", "ops", "quantize"]
+__all__ = [
+    "CalibrationReport",
+    "CheckpointError",
+    "NVFP4Linear",
+    "NVFP4Tensor",
+    "calibrate",
+    "dequantize",
+    "explain",
+    "load",
+    "ops",
+    "quantize",
+    "save",
+]

@@ -1,0 +1,370 @@
+"""``calibrate``: GPTQ every eligible ``nn.Linear`` of a model in place, leaving ``NVFP4Linear`` layers.
+
+Sequential by default: the model's repeated blocks (an ``nn.ModuleList`` of one block class, e.g.
+``model.model.layers``) are calibrated one after another, each on the outputs of the already-quantized blocks
+before it. A model without such blocks is calibrated all at once.
+"""
+
+import contextlib
+import fnmatch
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import format as nvfp4
+from . import gptq as G
+from .modules import NVFP4Linear
+from .ops import SCHEMES
+
+DEFAULT_SKIP = ("lm_head",)
+
+
+@dataclass
+class LayerReport:
+    """One calibrated linear. Errors are relative output errors on the calibration inputs (``gptq.output_error``):
+    ``rtn_error`` for plain round-to-nearest (``format.quantize``), ``gptq_error`` for what the layer now holds."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    rtn_error: float
+    gptq_error: float
+    seconds: float
+    percdamp: float  # the dampening that made H positive definite
+    fallback: str | None = None  # why GPTQ was not used, if it was not
+    input_global_scale: float | None = None  # static activation scale, when recorded
+
+
+@dataclass
+class SkippedLayer:
+    name: str
+    reason: str
+
+
+@dataclass
+class CalibrationReport:
+    """What :func:`calibrate` did: per layer errors and times, skipped layers and weight memory."""
+
+    scheme: str
+    blocks: str | None  # the ModuleList calibrated block by block, None if all at once
+    samples: int
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    seconds: float = 0.0
+    weight_bytes_before: int = 0  # the calibrated layers' weights before ...
+    weight_bytes_after: int = 0  # ... and after (packed values, block scales, global scale)
+
+    @property
+    def rtn_error(self) -> float:
+        """Mean relative output error of round-to-nearest over the calibrated layers."""
+        return sum(r.rtn_error for r in self.layers) / max(len(self.layers), 1)
+
+    @property
+    def gptq_error(self) -> float:
+        """Mean relative output error of the calibrated layers."""
+        return sum(r.gptq_error for r in self.layers) / max(len(self.layers), 1)
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.weight_bytes_before / max(self.weight_bytes_after, 1)
+
+    def summary(self) -> str:
+        mode = f"block by block over {self.blocks}" if self.blocks else "all at once"
+        return (f"{len(self.layers)} layers calibrated ({self.scheme}, {mode}, {self.samples} samples) in "
+                f"{self.seconds:.1f} s; {len(self.skipped)} skipped; mean relative output error "
+                f"RTN {self.rtn_error:.4g} -> GPTQ {self.gptq_error:.4g}; weights "
+                f"{self.weight_bytes_before / 2**20:.1f} MiB -> {self.weight_bytes_after / 2**20:.1f} MiB "
+                f"({self.memory_ratio:.2f}x)")
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+
+
+def eligible_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP
+                     ) -> tuple[dict[str, nn.Linear], list[SkippedLayer]]:
+    """The ``nn.Linear`` layers ``calibrate`` quantizes, and those it leaves alone with the reason.
+
+    A skip pattern (fnmatch) matches a module's full name or its last component.
+    """
+    chosen, skipped = {}, []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if _matches(name, skip):
+            skipped.append(SkippedLayer(name, "in skip"))
+        elif m.in_features % nvfp4.BLOCK_SIZE:
+            skipped.append(SkippedLayer(name, f"in_features={m.in_features} is not a multiple of "
+                                              f"{nvfp4.BLOCK_SIZE}"))
+        elif m.weight.dtype not in nvfp4.SUPPORTED_DTYPES:
+            skipped.append(SkippedLayer(name, f"weight dtype {m.weight.dtype} is not supported"))
+        else:
+            chosen[name] = m
+    return chosen, skipped
+
+
+def _inside(module: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
+    """Those of ``linears`` that are submodules of ``module``."""
+    ids = {id(m) for m in module.modules()}
+    return {n: m for n, m in linears.items() if id(m) in ids}
+
+
+def find_blocks(model: nn.Module, linears: dict[str, nn.Linear]) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` of two or more blocks of one class holding the most of ``linears``, if any."""
+    best, best_count = None, 0
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(b) for b in m}) != 1:
+            continue
+        count = len(_inside(m, linears))
+        if count > best_count:
+            best, best_count = (name, m), count
+    return best
+
+
+class _Collector:
+    """Forward pre-hooks that accumulate each linear's input Hessian (and amax) while registered.
+
+    Linears that receive the same input tensor in one forward (q/k/v, gate/up) share one Hessian. With
+    ``fake_quant``, inputs are first fake-quantized as the ``nvfp4`` runtime quantizes them (dynamic global scale).
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], fake_quant: bool):
+        self.fake_quant = fake_quant
+        self.hessians: dict[str, G.Hessian] = {}
+        self.amax: dict[str, torch.Tensor] = {}
+        self._shared: dict[str, str] = {}  # name -> the name whose Hessian it shares
+        self._last: tuple[torch.Tensor, str] | None = None
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if self._last is not None and self._last[0] is x and self._last[1] != name:
+                self._shared[name] = self._last[1]
+                return
+            self._last = (x, name)
+            h = self.hessians.get(name)
+            if h is None:
+                h = self.hessians[name] = G.Hessian(x.shape[-1], x.device)
+            amax = x.detach().abs().amax().float()
+            self.amax[name] = torch.maximum(self.amax[name], amax) if name in self.amax else amax
+            h.add(nvfp4.fake_quantize(x) if self.fake_quant else x)
+        return hook
+
+    def hessian(self, name: str) -> G.Hessian | None:
+        return self.hessians.get(self._shared.get(name, name))
+
+    def amax_of(self, name: str) -> torch.Tensor | None:
+        return self.amax.get(self._shared.get(name, name))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last = None
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _run(model: nn.Module, item, device) -> None:
+    """Call ``model`` on one data item: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    item = _to(item, device)
+    if isinstance(item, dict):
+        model(**item)
+    elif isinstance(item, (tuple, list)):
+        model(*item)
+    else:
+        model(item)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_inputs(model: nn.Module, block: nn.Module, data: Iterable, device) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) ``block`` is called with for each data item; the model stops right there."""
+    inputs = []
+
+    def hook(module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for item in data:
+            with contextlib.suppress(_Stop):
+                _run(model, item, device)
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _next_inputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run ``block`` on each captured input; its output (first element of a tuple) becomes the next input."""
+    out = []
+    for args, kwargs in inputs:
+        y = block(*args, **kwargs)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        if args:
+            out.append(((y, *args[1:]), kwargs))
+        elif "hidden_states" in kwargs:
+            out.append(((), {**kwargs, "hidden_states": y}))
+        else:
+            raise ValueError(f"cannot tell which input of {type(block).__name__} is the hidden state: it got no "
+                             "positional argument and no 'hidden_states' keyword")
+    return out
+
+
+@contextlib.contextmanager
+def _no_cache(model: nn.Module):
+    """Turn off a transformers model's KV cache: blocks are re-run on the same inputs, which must not append."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if old is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if old is not None:
+            config.use_cache = old
+
+
+@dataclass
+class _Settings:
+    scheme: str
+    fmt: G.Format
+    percdamp: float
+    blocksize: int
+    act_order: bool
+    scale_timing: G.ScaleTiming
+    static_activation_scale: bool
+
+
+def _quantize_layers(model: nn.Module, linears: dict[str, nn.Linear], collector: _Collector, s: _Settings,
+                     report: CalibrationReport, bar) -> None:
+    """GPTQ each of ``linears`` from the collected Hessians and swap it for an ``NVFP4Linear`` in ``model``."""
+    for name, lin in linears.items():
+        hess = collector.hessian(name)
+        if hess is None:
+            report.skipped.append(SkippedLayer(name, "never called on the calibration data"))
+            bar.update(1)
+            continue
+        t0 = time.perf_counter()
+        bar.set_postfix_str(name)
+        w = lin.weight.detach()
+        res = G.gptq(w, hess.h, s.fmt, percdamp=s.percdamp, blocksize=s.blocksize, act_order=s.act_order,
+                     scale_timing=s.scale_timing)
+        rtn_q = nvfp4.dequantize(nvfp4.quantize(w))
+        act_scale = nvfp4.global_scale_from_amax(collector.amax_of(name)) if s.static_activation_scale else None
+        model.set_submodule(name, NVFP4Linear.from_linear(lin, res.quantized, scheme=s.scheme,
+                                                          input_global_scale=act_scale))
+        report.weight_bytes_before += w.numel() * w.element_size()
+        report.weight_bytes_after += sum(t.numel() * t.element_size() for t in
+                                         (res.quantized.packed, res.quantized.scales, res.quantized.global_scale))
+        report.layers.append(LayerReport(
+            name, tuple(w.shape), G.output_error(w, rtn_q, hess.h), G.output_error(w, res.dequantized, hess.h),
+            time.perf_counter() - t0, res.percdamp, res.fallback,
+            None if act_scale is None else float(act_scale)))
+        bar.update(1)
+
+
+def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_quant: bool, s: _Settings,
+                      report: CalibrationReport, bar) -> dict[str, nn.Linear]:
+    """Block by block: each block's Hessians come from the outputs of the already-quantized blocks before it.
+
+    Linears outside the blocks that run before the first block are calibrated first; returns those that remain.
+    """
+    outside = {n: m for n, m in linears.items() if n not in _inside(blocks, linears)}
+    collector = _Collector(outside, fake_quant)
+    try:
+        inputs = _capture_inputs(model, blocks[0], data, device)
+    finally:
+        collector.close()
+    before = {n: m for n, m in outside.items() if collector.hessian(n) is not None}
+    if before:
+        _quantize_layers(model, before, collector, s, report, bar)
+        inputs = _capture_inputs(model, blocks[0], data, device)
+    report.samples = len(inputs)
+    for i, block in enumerate(blocks):
+        mine = _inside(block, linears)
+        collector = _Collector(mine, fake_quant)
+        try:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+        finally:
+            collector.close()
+        _quantize_layers(model, mine, collector, s, report, bar)
+        inputs = _next_inputs(block, inputs) if i + 1 < len(blocks) else []
+    return {n: m for n, m in outside.items() if n not in before}
+
+
+def _calibrate_all_at_once(model, linears, data, device, fake_quant: bool, s: _Settings,
+                           report: CalibrationReport, bar) -> None:
+    """One pass of the whole model over ``data`` gathers every Hessian; then all layers are quantized."""
+    collector = _Collector(linears, fake_quant)
+    try:
+        report.samples = 0
+        for item in data:
+            _run(model, item, device)
+            report.samples += 1
+    finally:
+        collector.close()
+    _quantize_layers(model, linears, collector, s, report, bar)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percdamp: float = 0.01,
+              blocksize: int = 128, act_order: bool = False, scale_search: G.ScaleSearch = "four_over_six",
+              scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
+              static_activation_scale: bool = False, skip: Iterable[str] = DEFAULT_SKIP,
+              progress: bool = True) -> CalibrationReport:
+    """Quantize ``model``'s eligible linears with GPTQ on ``data`` and replace them, in place, by ``NVFP4Linear``.
+
+    data: an iterable of model inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs), as a
+        DataLoader yields them. Sequential calibration keeps every sample's block inputs in memory.
+    scheme: "nvfp4" (weights and activations) or "nvfp4a16" (weights only); the layers run with it.
+    fake_quant_inputs: for "nvfp4", gather Hessians from the activations fake-quantized as the runtime does.
+    static_activation_scale: record each layer's activation amax; ``input_global_scale = amax / 2688``.
+    scale_search: how each block scale is chosen (``gptq.SCALE_TARGETS``); "four_over_six" measured best
+        (tools/QUALITY.md).
+    scale_timing: see ``gptq.gptq``; "upfront" measured better than "sweep" (and act_order needs it).
+    skip: fnmatch patterns of module names (full or last component) left in high precision.
+    Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if static_activation_scale and scheme != "nvfp4":
+        raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
+    t0 = time.perf_counter()
+    s = _Settings(scheme, G.nvfp4_format(scale_search), percdamp, blocksize, act_order,
+                  scale_timing, static_activation_scale)
+    fake_quant = fake_quant_inputs and scheme == "nvfp4"
+    linears, skipped = eligible_linears(model, skip)
+    found = find_blocks(model, linears) if sequential else None
+    device = next(model.parameters()).device
+    data = data if found is None else list(data)
+    report = CalibrationReport(scheme, found[0] if found else None, 0, skipped=skipped)
+    was_training = model.training
+    model.eval()
+    try:
+        with _no_cache(model), tqdm(total=len(linears), desc="calibrate", disable=not progress) as bar:
+            rest = linears
+            if found is not None:
+                rest = _calibrate_blocks(model, found[1], linears, data, device, fake_quant, s, report, bar)
+            if rest:
+                _calibrate_all_at_once(model, rest, data, device, fake_quant, s, report, bar)
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    return report

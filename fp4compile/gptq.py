@@ -1,0 +1,230 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323), kept apart from the number format.
+
+The algorithm sees the format only through :class:`Format`, a handful of small functions with one-line contracts;
+:func:`nvfp4_format` supplies NVFP4's (two-level scales: one global scale, one e4m3 scale per 16 columns along K).
+The math is the paper's Algorithm 1 with lazy block updates:
+
+    H    = 2 X X^T / n                     (fp32, running mean over the calibration rows, see Hessian)
+    dead = diag(H) == 0:  H_ii = 1, W[:, i] = 0
+    H   += percdamp * mean(diag(H)) * I
+    U    = cholesky(H^-1, upper)
+    for each column i (in blocks of `blocksize`):  q_i = Q(w_i);  e = (w_i - q_i) / U_ii;  W[:, i:] -= e U[i, i:]
+"""
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import format as nvfp4
+
+ScaleSearch = Literal["none", "four_over_six", "mse"]
+ScaleTiming = Literal["sweep", "upfront"]
+
+# Which value the block's largest magnitude is mapped to, for each candidate scale the search tries.
+SCALE_TARGETS: dict[str, tuple[float, ...]] = {
+    "none": (6.0,),  # the reference: amax -> 6
+    "four_over_six": (6.0, 4.0),  # per block, amax -> 6 or amax -> 4, whichever gives the smaller error
+    "mse": (6.0, 5.5, 5.0, 4.5, 4.0),  # a small grid between the two
+}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A group-wise number format, as GPTQ needs it. ``T`` are tensor params, ``P`` per-group params ``[N, G]``.
+
+    tensor_params(w [N, K]) -> T
+    group_params(w [N, G, size], T, importance [G, size] | None) -> P [N, G]
+    quantize(w [N, m], P [N, m], T) -> codes [N, m]      (elementwise, each element with its group's params)
+    dequantize(codes [N, m], P [N, m], T) -> fp32 values [N, m]
+    finish(codes [N, K], P [N, K/size], T) -> the quantized tensor (dequantizes to exactly those values)
+    """
+
+    group_size: int
+    tensor_params: Callable
+    group_params: Callable
+    quantize: Callable
+    dequantize: Callable
+    finish: Callable
+
+
+def _nvfp4_quantize(x: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    recip = pts.reciprocal() / scales.float()  # same operation order as format.quantize_blocks
+    return nvfp4.e2m1_codes((x * recip).clamp(-nvfp4.F4_E2M1_MAX, nvfp4.F4_E2M1_MAX))
+
+
+def _nvfp4_dequantize(codes: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    return nvfp4.e2m1_to_float(codes) * scales.float() * pts  # same operation order as format.dequantize_parts
+
+
+def _nvfp4_finish(codes: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor) -> nvfp4.NVFP4Tensor:
+    return nvfp4.NVFP4Tensor(nvfp4.pack(codes), scales, pts)
+
+
+def search_block_scales(x: torch.Tensor, pts: torch.Tensor, targets: tuple[float, ...],
+                        importance: torch.Tensor | None = None) -> torch.Tensor:
+    """e4m3 scales for fp32 blocks ``x`` ``[..., G, 16]``: per block, the candidate with the least weighted error.
+
+    Candidate ``t`` maps the block's amax to ``t`` (``targets[0] == 6`` is the reference scale, which wins ties).
+    The error is ``sum_j importance_j * (x_j - dq(x_j))^2`` (``importance`` ``[G, 16]``, e.g. diag(H); None: 1).
+    """
+    amax = x.abs().amax(dim=-1)
+    best_scale, best_err = None, None
+    for t in targets:
+        s = (amax / t / pts).clamp(min=nvfp4.F8_E4M3_MIN_SCALE, max=nvfp4.F8_E4M3_MAX).to(torch.float8_e4m3fn)
+        if len(targets) == 1:
+            return s
+        sq = s.unsqueeze(-1)
+        err = (x - _nvfp4_dequantize(_nvfp4_quantize(x, sq, pts), sq, pts)).square()
+        if importance is not None:
+            err = err * importance
+        err = err.sum(dim=-1)
+        if best_scale is None:
+            best_scale, best_err = s, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, s.view(torch.uint8), best_scale.view(torch.uint8)).view(s.dtype)
+            best_err = torch.where(better, err, best_err)
+    return best_scale
+
+
+def nvfp4_format(search: ScaleSearch = "none") -> Format:
+    """NVFP4 as a :class:`Format`: T = the global scale (from the weight's amax), P = e4m3 block scales."""
+    targets = SCALE_TARGETS[search]
+    return Format(
+        group_size=nvfp4.BLOCK_SIZE,
+        tensor_params=nvfp4.global_scale_of,
+        group_params=lambda w, pts, importance=None: search_block_scales(w, pts, targets, importance),
+        quantize=_nvfp4_quantize,
+        dequantize=_nvfp4_dequantize,
+        finish=_nvfp4_finish,
+    )
+
+
+class Hessian:
+    """Running mean of ``2 x x^T`` over the rows of ``x`` (``[..., K]``), accumulated in fp32: ``H = 2 X X^T / n``."""
+
+    def __init__(self, k: int, device: torch.device | str | None = None):
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.h.shape[0]).float()
+        m = x.shape[0]
+        self.h *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.h.addmm_(x.t(), x)
+
+
+@dataclass
+class GPTQResult:
+    """What :func:`gptq` produced. ``percdamp`` is the dampening that worked; ``fallback`` says why RTN was used."""
+
+    quantized: object
+    dequantized: torch.Tensor  # fp32 [N, K], exactly the values ``quantized`` stands for
+    percdamp: float
+    fallback: str | None = None
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float] | None:
+    """``cholesky(inverse(H + damp I), upper)``; on failure multiply percdamp by 10 and retry. None if all fail."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal().mean()
+    for _ in range(retries + 1):
+        lower, info = torch.linalg.cholesky_ex(h + percdamp * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, percdamp
+        percdamp *= 10
+    return None
+
+
+def rtn(weight: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> GPTQResult:
+    """Round-to-nearest: every group's params from ``weight``, every element rounded on its own."""
+    w = weight.detach().float()
+    n, k = w.shape
+    t = fmt.tensor_params(w)
+    imp = None if importance is None else importance.reshape(-1, fmt.group_size)
+    p = fmt.group_params(w.reshape(n, -1, fmt.group_size), t, imp)  # [N, G]
+    pe = p.repeat_interleave(fmt.group_size, dim=1)
+    codes = fmt.quantize(w, pe, t)
+    return GPTQResult(fmt.finish(codes, p, t), fmt.dequantize(codes, pe, t), 0.0)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: float = 0.01,
+         blocksize: int = 128, act_order: bool = False, scale_timing: ScaleTiming = "upfront",
+         retries: int = 4) -> GPTQResult:
+    """Quantize ``weight`` ``[N, K]`` given its layer's input Hessian ``[K, K]`` (see :class:`Hessian`).
+
+    scale_timing: "sweep" sets each group's params when the sweep reaches it, from the error-updated weights, and
+    freezes them; "upfront" sets all from the original weight. act_order (columns by descending diag(H)) keeps the
+    groups along the original K, so it needs "upfront". If no dampening (percdamp x 10 per retry) makes H
+    positive definite, the layer falls back to :func:`rtn` with a warning.
+    """
+    if act_order and scale_timing != "upfront":
+        raise ValueError("act_order keeps groups along the original K, so it needs scale_timing='upfront'")
+    g = fmt.group_size
+    if blocksize % g:
+        raise ValueError(f"blocksize must be a multiple of the group size {g}, got {blocksize}")
+    w = weight.detach().float().clone()  # [N, K]
+    n, k = w.shape
+    h = hessian.detach().float().clone()  # [K, K]
+    assert h.shape == (k, k), f"Hessian {tuple(h.shape)} does not match weight {tuple(w.shape)}"
+
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    importance = h.diagonal().clone()  # [K], original column order
+    t = fmt.tensor_params(weight.detach().float())
+    params = fmt.group_params(w.reshape(n, -1, g), t, importance.reshape(-1, g))  # [N, K/g]; "sweep" redoes them
+    group_of = torch.arange(k, device=w.device) // g  # group of each column, in sweep order
+    if act_order:
+        perm = torch.argsort(importance, descending=True)
+        w, h, group_of = w[:, perm], h[perm][:, perm], group_of[perm]
+
+    factor = _upper_cholesky_of_inverse(h, percdamp, retries)
+    if factor is None:
+        warnings.warn(f"GPTQ: Hessian not positive definite even with percdamp={percdamp * 10**retries:g}; "
+                      "using round-to-nearest for this layer", RuntimeWarning, stacklevel=2)
+        result = rtn(weight, fmt)
+        result.fallback = "Cholesky failed: round-to-nearest"
+        return result
+    hinv, used_damp = factor
+
+    codes = torch.empty((n, k), dtype=torch.uint8, device=w.device)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = w[:, i1:i2].clone()  # [N, B]
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if scale_timing == "sweep" and col % g == 0:
+                imp = importance[col:col + g].unsqueeze(0)
+                params[:, col // g] = fmt.group_params(w1[:, i:i + g].unsqueeze(1), t, imp)[:, 0]
+            p = params[:, group_of[col]].unsqueeze(1)  # [N, 1]
+            wi = w1[:, i:i + 1]  # [N, 1]
+            c = fmt.quantize(wi, p, t)
+            codes[:, col] = c[:, 0]
+            e = (wi - fmt.dequantize(c, p, t)) / hinv1[i, i]
+            w1[:, i:] -= e * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e[:, 0]
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    pe = params.repeat_interleave(g, dim=1)
+    return GPTQResult(fmt.finish(codes, params, t), fmt.dequantize(codes, pe, t), used_damp)
+
+
+def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error on the calibration inputs: ``tr(dW H dW^T) / tr(W H W^T)``, ``dW = W - Q``."""
+    w = weight.detach().float()
+    d = w - dequantized
+    denom = ((w @ hessian) * w).sum()
+    return float(((d @ hessian) * d).sum() / denom) if denom > 0 else 0.0

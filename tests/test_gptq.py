@@ -1,0 +1,140 @@
+"""GPTQ on single layers: exactness of the returned tensor, the error it reaches, and its failure paths."""
+
+import pytest
+import torch
+
+from fp4compile import format as nvfp4
+from fp4compile import gptq as G
+
+SEARCHES = ("none", "four_over_six", "mse")
+
+
+def correlated_inputs(rows: int, k: int, rank: int = 32, seed: int = 0) -> torch.Tensor:
+    """Inputs whose columns are strongly correlated (low rank plus a little noise), as real activations are."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(rows, rank, generator=g)
+    return latent @ torch.randn(rank, k, generator=g) + 0.05 * torch.randn(rows, k, generator=g)
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    h = G.Hessian(x.shape[-1])
+    h.add(x)
+    return h.h
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = correlated_inputs(1024, 256)
+    return w, x, hessian_of(x)
+
+
+def test_hessian_is_running_mean_of_2xxT():
+    x = torch.randn(300, 32, dtype=torch.float64).float()
+    h = G.Hessian(32)
+    for part in x.split((100, 57, 143)):
+        h.add(part)
+    torch.testing.assert_close(h.h, 2 * x.T @ x / 300, rtol=1e-5, atol=1e-5)
+    assert h.n == 300
+
+
+def test_rtn_without_search_is_format_quantize():
+    w = torch.randn(48, 96) * 3
+    r = G.rtn(w, G.nvfp4_format())
+    q = nvfp4.quantize(w)
+    assert torch.equal(r.quantized.packed, q.packed)
+    assert torch.equal(r.quantized.scales.view(torch.uint8), q.scales.view(torch.uint8))
+    assert torch.equal(r.quantized.global_scale, q.global_scale)
+    assert torch.equal(r.dequantized, nvfp4.dequantize(q))
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+@pytest.mark.parametrize("act_order,timing", [(False, "sweep"), (False, "upfront"), (True, "upfront")])
+def test_result_dequantizes_to_exactly_the_values_gptq_used(layer, search, act_order, timing):
+    w, _, h = layer
+    res = G.gptq(w, h, G.nvfp4_format(search), act_order=act_order, scale_timing=timing)
+    q = res.quantized
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (64, 128)
+    assert q.scales.dtype == torch.float8_e4m3fn and q.scales.shape == (64, 16)
+    assert torch.equal(nvfp4.dequantize(q), res.dequantized)
+    assert torch.equal(q.global_scale, nvfp4.global_scale_of(w))
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_gptq_output_error_at_most_035_of_rtn(layer, search):
+    w, x, h = layer
+    fmt = G.nvfp4_format(search)
+    rtn_q = G.rtn(w, G.nvfp4_format()).dequantized
+    gptq_q = G.gptq(w, h, fmt).dequantized
+    rtn_mse, gptq_mse = ((x @ (w - rtn_q).T) ** 2).mean(), ((x @ (w - gptq_q).T) ** 2).mean()
+    assert gptq_mse <= 0.35 * rtn_mse, f"search={search}: output MSE GPTQ {gptq_mse:.3g} vs RTN {rtn_mse:.3g}"
+    # output_error is the same ratio, computed from H = 2 X^T X / n
+    ratio = G.output_error(w, gptq_q, h) / G.output_error(w, rtn_q, h)
+    assert ratio == pytest.approx(float(gptq_mse / rtn_mse), rel=1e-3)
+
+
+def test_scale_search_never_worse_per_block():
+    w = torch.randn(32, 128) * torch.rand(32, 128) ** 3  # heavy-ish tails make 4 win in some blocks
+    pts = nvfp4.global_scale_of(w)
+    blocks = w.unflatten(-1, (-1, 16))
+
+    def block_err(scales):
+        sq = scales.float().unsqueeze(-1)
+        y = (blocks * (pts.reciprocal() / sq)).clamp(-6, 6)
+        return (blocks - nvfp4.e2m1_to_float(nvfp4.e2m1_codes(y)) * sq * pts).square().sum(-1)
+
+    ref = G.search_block_scales(blocks, pts, G.SCALE_TARGETS["none"])
+    assert torch.equal(ref.view(torch.uint8), nvfp4.block_scales(blocks, pts).view(torch.uint8))
+    for search in ("four_over_six", "mse"):
+        err = block_err(G.search_block_scales(blocks, pts, G.SCALE_TARGETS[search]))
+        assert (err <= block_err(ref)).all()
+        assert (err < block_err(ref)).any(), f"{search} improved no block"
+
+
+def test_act_order_keeps_groups_along_original_k(layer):
+    w, _, h = layer
+    res = G.gptq(w, h, G.nvfp4_format(), act_order=True, scale_timing="upfront")
+    # upfront scales come from the original weight, group by group along the original K
+    assert torch.equal(res.quantized.scales.view(torch.uint8), nvfp4.quantize(w).scales.view(torch.uint8))
+    assert G.output_error(w, res.dequantized, h) < G.output_error(w, nvfp4.fake_quantize(w), h)
+    with pytest.raises(ValueError, match="act_order"):
+        G.gptq(w, h, G.nvfp4_format(), act_order=True, scale_timing="sweep")
+
+
+def test_dead_columns_are_zeroed():
+    torch.manual_seed(1)
+    w = torch.randn(32, 64)
+    x = correlated_inputs(256, 64)
+    dead = torch.tensor([3, 17, 40])
+    x[:, dead] = 0
+    res = G.gptq(w, hessian_of(x), G.nvfp4_format())
+    assert res.fallback is None
+    assert (res.dequantized[:, dead] == 0).all()
+    assert torch.isfinite(res.dequantized).all()
+
+
+def test_cholesky_failure_raises_dampening_then_succeeds():
+    torch.manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(64, 64))
+    eig = torch.ones(64)
+    eig[0] = -0.05  # indefinite: percdamp 0.01 is not enough, 0.1 is
+    h = q @ torch.diag(eig) @ q.T
+    res = G.gptq(torch.randn(16, 64), h, G.nvfp4_format(), percdamp=0.01)
+    assert res.fallback is None
+    assert res.percdamp == pytest.approx(0.1)
+
+
+def test_cholesky_failure_falls_back_to_rtn_with_warning():
+    w = torch.randn(16, 64)
+    h = -torch.eye(64)  # negative definite: no dampening helps
+    with pytest.warns(RuntimeWarning, match="round-to-nearest"):
+        res = G.gptq(w, h, G.nvfp4_format())
+    assert res.fallback is not None and "Cholesky" in res.fallback
+    assert torch.equal(res.dequantized, nvfp4.fake_quantize(w))
+
+
+def test_blocksize_must_be_a_multiple_of_16(layer):
+    w, _, h = layer
+    with pytest.raises(ValueError, match="multiple"):
+        G.gptq(w, h, G.nvfp4_format(), blocksize=24)
