@@ -2,7 +2,7 @@
 
 from . import ops
 from .backend import explain
-from .calibrate import CalibrationReport, calibrate
+from .calibrate import CalibrationReport, calibrate, quantize_model
 from .checkpoint import CheckpointError, load, save
 from .format import NVFP4Tensor, dequantize, quantize
 from .modules import NVFP4Linear
@@ -18,5 +18,6 @@ __all__ = [
     "load",
     "ops",
     "quantize",
+    "quantize_model",
     "save",
 ]

@@ -368,3 +368,17 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def quantize_model(model: nn.Module, *, scheme: str = "nvfp4", skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """Replace ``model``'s eligible linears, in place, by ``NVFP4Linear`` with round-to-nearest weights, no data.
+
+    The numbers are those the fp4 backend computes for the unconverted model; the model then holds only packed
+    weights (about 3.5x less weight memory than bf16). Returns the names of the replaced layers.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    linears, _ = eligible_linears(model, skip)
+    for name, lin in linears.items():
+        model.set_submodule(name, NVFP4Linear.from_linear(lin, nvfp4.quantize(lin.weight.detach()), scheme=scheme))
+    return list(linears)

@@ -77,5 +77,20 @@ class GraphModule(torch.nn.Module):
                 torch.testing.assert_close(torch.compile(model, backend="fp4")(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+    def test_quantize_model_without_data_matches_the_backend_on_the_float_model(self):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).to(torch.bfloat16).eval()
+        x = torch.randn(5, 32, dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            expect = torch.compile(model, backend="fp4")(x)
+            bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            self.assertEqual(fp4compile.quantize_model(model), ["0", "2"])
+            packed_bytes = sum(t.numel() * t.element_size() for t in model.buffers())
+            self.assertLess(packed_bytes, 0.3 * bf16_bytes)
+            torch._dynamo.reset()
+            self.assertEqual(torch.compile(model, backend="fp4")(x), expect)
+
+
 if __name__ == "__main__":
     run_tests()

@@ -15,6 +15,7 @@ so peak memory counts both. Results go to JSON after every measurement; a table 
 """
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -27,7 +28,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fp4compile.backend  # noqa: E402, F401  (registers backend="fp4")
+import fp4compile  # noqa: E402  (registers backend="fp4")
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.__main__ import compile_config, time_decode, time_prefill  # noqa: E402
 
@@ -55,19 +56,20 @@ def build(name: str, layers: int, tiny: bool, device, dtype) -> torch.nn.Module:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    """Bytes of the model's parameters and buffers (packed ones included), each shared tensor once."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def weight_bytes(model: torch.nn.Module, report) -> int:
-    """Bytes of the weights as the configuration stores them: each rewritten [N, K] weight in NVFP4, and in high
-    precision too where an embedding still needs it (a tied lm_head)."""
+    """Bytes of the weights as the configuration stores them: each float [N, K] weight the backend rewrote counts
+    as NVFP4 (packed values, block scales, global scale); an already packed model counts as it is."""
     total = model_bytes(model)
     for d in {d.name: d for r in report for d in r.rewritten}.values():
-        n, k = d.shape
-        total += n * k // 2 + n * k // nvfp4.BLOCK_SIZE + 4
         module = model.get_submodule(d.name)
         if isinstance(module, torch.nn.Linear):
-            total -= module.weight.numel() * module.weight.element_size()
+            n, k = d.shape
+            total += n * k // 2 + n * k // nvfp4.BLOCK_SIZE + 4 - module.weight.numel() * module.weight.element_size()
     return total
 
 
@@ -144,6 +146,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no configuration after this long")
     p.add_argument("--tiny", action="store_true", help="tiny model sizes, for a dry run")
+    p.add_argument("--convert", action="store_true",
+                   help="fp4 configurations run a copy converted by fp4compile.quantize_model (packed weights only)")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     logging.basicConfig(level=logging.WARNING)
@@ -163,7 +167,14 @@ def main() -> None:
                 print(f"budget spent: skipping {name} {config}", flush=True)
                 continue
             t0 = time.perf_counter()
-            results[name][config] = bench_config(model, CONFIGS[config], args, device)
+            scheme = CONFIGS[config]
+            if args.convert and scheme is not None:
+                converted = copy.deepcopy(model)
+                fp4compile.quantize_model(converted, scheme=scheme)
+                results[name][config] = bench_config(converted, scheme, args, device)
+                del converted
+            else:
+                results[name][config] = bench_config(model, scheme, args, device)
             print(f"{name} {config}: {results[name][config]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         del model
