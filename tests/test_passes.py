@@ -5,27 +5,10 @@ Regenerate the snapshots after an intended change with ``EXPECTTEST_ACCEPT=1 pyt
 
 import torch
 from torch import nn
-from torch._dynamo.testing import normalize_gm
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import fp4compile
-from fp4compile.passes import rewrite_linears
-
-
-def rewrite(model, *inputs, **options):
-    """Run Dynamo and the fp4 pass (no Inductor); return (snapshot text, report)."""
-    graphs, reports = [], []
-
-    def capture(gm, example_inputs):
-        report, _ = rewrite_linears(gm, fake_mode=torch._guards.detect_fake_mode(example_inputs), **options)
-        graphs.append(normalize_gm(gm.print_readable(print_output=False)))
-        reports.append(report)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture, fullgraph=True)(*inputs)
-    return graphs[0], reports[0]
+from rewritten import rewrite
 
 
 class One(nn.Module):
@@ -68,7 +51,7 @@ class Conv1D(nn.Module):
 
 class TestSnapshots(TestCase):
     def test_one_linear(self):
-        graph, report = rewrite(One(), torch.randn(4, 64))
+        graph, report, _ = rewrite(One(), torch.randn(4, 64))
         self.assertEqual(len(report.rewritten), 1)
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
@@ -89,7 +72,7 @@ class GraphModule(torch.nn.Module):
 """)
 
     def test_linear_with_bias_on_3d_input(self):
-        graph, _ = rewrite(One(bias=True), torch.randn(2, 3, 64))
+        graph, _, _ = rewrite(One(bias=True), torch.randn(2, 3, 64))
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_self_modules_fc_parameters_weight_: "f32[32, 64]", L_self_modules_fc_parameters_bias_: "f32[32]", L_x_: "f32[2, 3, 64]"):
@@ -110,7 +93,7 @@ class GraphModule(torch.nn.Module):
 """)
 
     def test_mlp(self):
-        graph, _ = rewrite(MLP(), torch.randn(4, 32))
+        graph, _, _ = rewrite(MLP(), torch.randn(4, 32))
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_self_modules_up_parameters_weight_: "f32[64, 32]", L_self_modules_up_parameters_bias_: "f32[64]", L_x_: "f32[4, 32]", L_self_modules_down_parameters_weight_: "f32[32, 64]", L_self_modules_down_parameters_bias_: "f32[32]"):
@@ -144,7 +127,7 @@ class GraphModule(torch.nn.Module):
 """)
 
     def test_qkv_share_one_input(self):
-        graph, report = rewrite(QKV(), torch.randn(4, 32))
+        graph, report, _ = rewrite(QKV(), torch.randn(4, 32))
         self.assertEqual([d.name for d in report.rewritten], ["q", "k", "v"])
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
@@ -180,7 +163,7 @@ class GraphModule(torch.nn.Module):
 """)
 
     def test_gpt2_conv1d_addmm_with_kn_weight(self):
-        graph, report = rewrite(Conv1D(), torch.randn(2, 3, 32))
+        graph, report, _ = rewrite(Conv1D(), torch.randn(2, 3, 32))
         self.assertEqual(report.rewritten[0].shape, (48, 32))
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
@@ -205,7 +188,7 @@ class GraphModule(torch.nn.Module):
 """)
 
     def test_skipped_layer_k30(self):
-        graph, report = rewrite(One(k=30), torch.randn(4, 30))
+        graph, report, _ = rewrite(One(k=30), torch.randn(4, 30))
         self.assertEqual(report.skipped[0].reason, "K=30 is not a multiple of 16")
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
@@ -218,7 +201,7 @@ class GraphModule(torch.nn.Module):
 """)
 
     def test_weight_only_scheme(self):
-        graph, _ = rewrite(One(bias=True), torch.randn(4, 64), scheme="nvfp4a16")
+        graph, _, _ = rewrite(One(bias=True), torch.randn(4, 64), scheme="nvfp4a16")
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_self_modules_fc_parameters_weight_: "f32[32, 64]", L_self_modules_fc_parameters_bias_: "f32[32]", L_x_: "f32[4, 64]"):
@@ -238,7 +221,7 @@ class GraphModule(torch.nn.Module):
         linear = nn.Linear(64, 32)
         packed = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach()))
         model = nn.Sequential(packed)
-        graph, report = rewrite(model, torch.randn(4, 64))
+        graph, report, _ = rewrite(model, torch.randn(4, 64))
         self.assertEqual(report.rewritten[0].shape, (32, 64))
         self.assertExpectedInline(graph, """\
 class GraphModule(torch.nn.Module):
@@ -312,12 +295,12 @@ class CacheWrite(nn.Module):
 
 class TestMatching(TestCase):
     def test_every_transpose_spelling_and_buffers_match(self):
-        _, report = rewrite(Forms(), torch.randn(4, 64))
+        _, report, _ = rewrite(Forms(), torch.randn(4, 64))
         self.assertEqual([d.op for d in report.rewritten], ["matmul", "mm", "matmul", "mm", "matmul"])
         self.assertEqual(report.skipped, [])
 
     def test_runtime_weights_attention_and_scaled_addmm_are_not_rewritten(self):
-        graph, report = rewrite(NotLinear(), torch.randn(4, 64), torch.randn(64, 8))
+        graph, report, _ = rewrite(NotLinear(), torch.randn(4, 64), torch.randn(64, 8))
         self.assertEqual(report.rewritten, [])
         self.assertEqual(
             [d.reason for d in report.skipped],
@@ -327,23 +310,23 @@ class TestMatching(TestCase):
         self.assertNotIn("fp4.", graph)
 
     def test_tied_lm_head_stays_high_precision_whatever_its_name(self):
-        _, report = rewrite(TiedHead(), torch.randint(0, 64, (2, 5)), skip=())
+        _, report, _ = rewrite(TiedHead(), torch.randint(0, 64, (2, 5)), skip=())
         self.assertEqual([d.name for d in report.rewritten], ["body"])
         self.assertIn("shared with an embedding", report.skipped[0].reason)
 
     def test_in_place_writes_with_unused_results_are_kept(self):
-        graph, report = rewrite(CacheWrite(), torch.randn(2, 32), torch.tensor([1, 3]))
+        graph, report, _ = rewrite(CacheWrite(), torch.randn(2, 32), torch.tensor([1, 3]))
         self.assertEqual(len(report.rewritten), 1)
         self.assertIn("index_copy_", graph)
 
     def test_skip_patterns_leave_layers_alone(self):
-        _, report = rewrite(QKV(), torch.randn(4, 32), skip=("k", "v*"))
+        _, report, _ = rewrite(QKV(), torch.randn(4, 32), skip=("k", "v*"))
         self.assertEqual([d.name for d in report.rewritten], ["q"])
         self.assertIn("skip pattern", report.skipped[0].reason)
 
     def test_unsupported_dtype_is_skipped_with_reason(self):
         model = One().double()
-        _, report = rewrite(model, torch.randn(4, 64, dtype=torch.double))
+        _, report, _ = rewrite(model, torch.randn(4, 64, dtype=torch.double))
         self.assertIn("float64", report.skipped[0].reason)
 
 
