@@ -44,6 +44,7 @@ GPTQ_VARIANTS = {
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
     "gptq-mse": {**_PLAIN, "scale_search": "mse"},
     "gptq-damp0.1": {**_PLAIN, "percdamp": 0.1},
+    "gptq-defaults-damp0.1": {"percdamp": 0.1},
     "gptq-upfront": {**_PLAIN, "scale_timing": "upfront"},
     "gptq-actorder": {**_PLAIN, "scale_timing": "upfront", "act_order": True},
     "gptq-float-hessian": {**_PLAIN, "fake_quant_inputs": False},
