@@ -39,12 +39,14 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
 _PLAIN = {"scale_search": "none", "scale_timing": "sweep"}
 GPTQ_VARIANTS = {
-    "gptq": {},  # calibrate()'s defaults
+    "gptq": {},  # calibrate()'s defaults (since act_order=True became one: same as gptq-defaults-actorder)
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
     "gptq-mse": {**_PLAIN, "scale_search": "mse"},
     "gptq-damp0.1": {**_PLAIN, "percdamp": 0.1},
     "gptq-defaults-damp0.1": {"percdamp": 0.1},
+    "gptq-defaults-actorder": {"act_order": True},
+    "gptq-defaults-mse": {"scale_search": "mse"},
     "gptq-upfront": {**_PLAIN, "scale_timing": "upfront"},
     "gptq-actorder": {**_PLAIN, "scale_timing": "upfront", "act_order": True},
     "gptq-float-hessian": {**_PLAIN, "fake_quant_inputs": False},
