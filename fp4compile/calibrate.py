@@ -325,7 +325,7 @@ def _calibrate_all_at_once(model, linears, data, device, fake_quant: bool, s: _S
 
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percdamp: float = 0.01,
-              blocksize: int = 128, act_order: bool = True, scale_search: G.ScaleSearch = "four_over_six",
+              blocksize: int = 128, act_order: bool = True, scale_search: G.ScaleSearch = "mse",
               scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
               static_activation_scale: bool = False, skip: Iterable[str] = DEFAULT_SKIP,
               progress: bool = True) -> CalibrationReport:
@@ -336,8 +336,8 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     scheme: "nvfp4" (weights and activations) or "nvfp4a16" (weights only); the layers run with it.
     fake_quant_inputs: for "nvfp4", gather Hessians from the activations fake-quantized as the runtime does.
     static_activation_scale: record each layer's activation amax; ``input_global_scale = amax / 2688``.
-    scale_search: how each block scale is chosen (``gptq.SCALE_TARGETS``); "four_over_six" measured best
-        (tools/QUALITY.md).
+    scale_search: how each block scale is chosen (``gptq.SCALE_TARGETS``); "mse" measured best with act-order,
+        then "four_over_six" (tools/QUALITY.md).
     scale_timing: see ``gptq.gptq``; "upfront" measured better than "sweep" (and act_order needs it).
     act_order: quantize columns in order of decreasing Hessian diagonal; measured better on both evaluation
         texts (tools/QUALITY.md), so on by default.

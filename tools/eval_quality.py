@@ -39,7 +39,7 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
 _PLAIN = {"scale_search": "none", "scale_timing": "sweep"}
 GPTQ_VARIANTS = {
-    "gptq": {},  # calibrate()'s defaults (since act_order=True became one: same as gptq-defaults-actorder)
+    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order (earlier: four-over-six, no act-order)
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
     "gptq-mse": {**_PLAIN, "scale_search": "mse"},
