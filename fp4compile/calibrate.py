@@ -6,7 +6,6 @@ before it. A model without such blocks is calibrated all at once.
 """
 
 import contextlib
-import fnmatch
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import format as nvfp4
 from . import gptq as G
-from .modules import NVFP4Linear
+from .modules import NVFP4Linear, matches_skip
 from .ops import SCHEMES
 
 DEFAULT_SKIP = ("lm_head",)
@@ -80,11 +79,6 @@ class CalibrationReport:
                 f"({self.memory_ratio:.2f}x)")
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
-
-
 def eligible_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP
                      ) -> tuple[dict[str, nn.Linear], list[SkippedLayer]]:
     """The ``nn.Linear`` layers ``calibrate`` quantizes, and those it leaves alone with the reason.
@@ -95,7 +89,7 @@ def eligible_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        if _matches(name, skip):
+        if matches_skip(name, skip):
             skipped.append(SkippedLayer(name, "in skip"))
         elif m.in_features % nvfp4.BLOCK_SIZE:
             skipped.append(SkippedLayer(name, f"in_features={m.in_features} is not a multiple of "

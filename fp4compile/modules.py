@@ -4,11 +4,21 @@ Eagerly it runs the exact reference (slowly, by dequantizing); under ``torch.com
 pass turns its ``fp4::linear`` call into activation-quantize + GEMM over its buffers embedded as constants.
 """
 
+import fnmatch
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from . import format as nvfp4
 from .ops import SCHEMES
+
+
+def matches_skip(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a layer named ``name`` (dotted module path) matches a ``skip`` glob pattern, in full or by its last
+    component: ``"lm_head"`` matches ``lm_head`` and ``model.lm_head``; ``"layers.0.*"`` a whole block."""
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
 
 
 class NVFP4Linear(nn.Module):

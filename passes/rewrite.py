@@ -15,7 +15,6 @@ Packed weights are attributes of the GraphModule read with get_attr; the weight 
 the call from them) and tell the backend at run time whether a parameter was replaced or changed in place.
 """
 
-import fnmatch
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch import fx
 from torch._dynamo.source import ConstantSource
 
 from fp4compile import format as nvfp4
+from fp4compile.modules import matches_skip
 from fp4compile.ops import SCHEMES
 
 from .match import ADDMM_TARGETS, Linear, find_linears, stored_tensor
@@ -133,10 +133,6 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _is_skipped(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], p) for p in patterns)
-
-
 class _Emitter:
     """Adds constants (get_attr) and op calls to one graph."""
 
@@ -231,7 +227,7 @@ def rewrite_linears(
             shape = (shape[0], shape[1] * 2) if shape else None
         else:
             layer_scheme = scheme
-        reason = m.skip_reason or (f"matches skip pattern in {tuple(skip)}" if _is_skipped(m.name, skip) else None)
+        reason = m.skip_reason or (f"matches skip pattern in {tuple(skip)}" if matches_skip(m.name, skip) else None)
         if reason is None and m.prepacked and any(stored_tensor(a) is None for a in node.args[1:4]):
             reason = "packed weight is computed at run time, not a buffer"
         report.layers.append(LayerDecision(m.name, _op_name(node), shape, layer_scheme, reason))
