@@ -2,18 +2,21 @@
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
-    fp4::gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias?) -> [..., N]   (NVFP4 x NVFP4)
+    fp4::gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias?, out_dtype) -> [..., N]   (NVFP4 x NVFP4)
     fp4::gemm_a16(x [..., K], w_packed, w_scales, w_pts, bias?) -> [..., N]               (high precision x NVFP4)
+    fp4::gemm_kernel, fp4::gemm_a16_kernel: the same products, never decomposed
+    fp4::mm_f32(a [M, K], b [N, K]) -> fp32 [M, N]
     fp4::linear(x, w_packed, w_scales, w_pts, bias?, act_pts?, scheme) -> [..., N]        (a calibrated layer)
 
 Weights are ``[N, K]`` (K contiguous). Packed values and block scales cross every Inductor-visible edge as uint8
 (the bit patterns of e2m1 pairs and e4m3 scales): Inductor's C++ backend cannot read or write float4/float8
 buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
 
-``quantize_act`` decomposes for Inductor into the amax (plain torch, fused with the op that produces the
-activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA. The GEMMs
-are opaque extern calls; on CUDA they dispatch to ``kernels``.
-The output dtype of a GEMM is the activation's dtype (``gemm`` gets it from ``out_dtype``).
+For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with the op that produces the
+activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
+``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or the Triton GEMV for one
+row on CUDA), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue. On CUDA the
+ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``: ``out_dtype``).
 """
 
 import torch
