@@ -14,9 +14,9 @@ buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer with
 
 For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with the op that produces the
 activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
-``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or the Triton GEMV for one
-row on CUDA), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue. On CUDA the
-ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``: ``out_dtype``).
+``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
+kernels up to 16 rows), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue.
+On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``: ``out_dtype``).
 """
 
 import torch
@@ -141,13 +141,16 @@ def _epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias, lead, out_dtype: tor
 def _gemm_plan(x: torch.Tensor) -> str:
     """How Inductor runs a GEMM whose activation (or its packed form) is ``x``:
 
-    - "kernel": the kernel op, an extern call: on CPU the exact reference, on CUDA with one row the Triton GEMV,
-      which reads the packed weight once;
+    - "kernel": the kernel op, an extern call: on CPU the exact reference; on CUDA, up to
+      ``kernels.DIRECT_MAX_ROWS`` rows, the Triton kernels that read the packed weight once (GEMV for one row,
+      tensor cores with the weight dequantized in registers for more);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
       fp4::mm_f32 (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
       fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small.
     """
-    return "dequantize" if x.device.type == "cuda" and _rows(x) != 1 else "kernel"
+    from . import kernels
+
+    return "dequantize" if x.device.type == "cuda" and _rows(x) > kernels.DIRECT_MAX_ROWS else "kernel"
 
 
 @register_decomposition(torch.ops.fp4.gemm.default)

@@ -122,7 +122,7 @@ def test_awkward_activations(m):
 
 @gpu_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
-def test_every_tiled_config(op):
+def test_every_mma_config(op):
     """Each tuned configuration computes the same function (also warms the compile cache for the bench)."""
     m, n, k = 16, 256, 1024
     w = random_nvfp4(n, k)
@@ -132,11 +132,31 @@ def test_every_tiled_config(op):
     else:
         a = random_nvfp4(m, k)
         ref = dequant64(*a) @ dequant64(*w).t()
-    for config in triton_gemm._TILED_CONFIGS:
+    for config in triton_gemm._mma_configs(m):
         out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-        triton_gemm.launch_tiled(*a, *w, None, out, config=config)
+        triton_gemm.launch_mma(*a, *w, None, out, config=config)
         err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
         assert not out.isnan().any() and err < 2**-7, f"config {config}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("config", [(16, 16, 32, 1, 4, 1), (32, 16, 64, 3, 4, 1), (16, 32, 32, 5, 4, 1)],
+                         ids=("one-slice", "uneven-split", "more-slices-than-steps"))
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_mma_split_k(op, config):
+    """The tensor-core kernel with K unsplit, split unevenly, and split more ways than it has K steps."""
+    for m, n, k in ((1, 16, 16), (7, 48, 96), (16, 100, 160)):
+        w = random_nvfp4(n, k)
+        bias = torch.randn(n).bfloat16().to(DEVICE)
+        out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float32)
+        if op == "a16":
+            x = (torch.randn(m, k) * 4).bfloat16().to(DEVICE)
+            triton_gemm.launch_mma(x, None, None, *w, bias, out, config=config)
+            ref = x.cpu().double() @ dequant64(*w).t()
+        else:
+            a = random_nvfp4(m, k)
+            triton_gemm.launch_mma(*a, *w, bias, out, config=config)
+            ref = dequant64(*a) @ dequant64(*w).t()
+        check(out, ref + bias.cpu().double(), out, torch.float32)
 
 
 @gpu_only

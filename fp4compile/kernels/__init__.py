@@ -3,7 +3,8 @@
 Kernels know nothing of graphs. Each entry takes the same arguments as its op (see ``ops``), flattens leading
 dims to 2-D and picks a kernel by device:
 
-- compute capability 8.x / 9.x: Triton kernels (``triton_gemm``) that dequantize in registers;
+- compute capability 8.x / 9.x: Triton kernels (``triton_gemm``): up to ``DIRECT_MAX_ROWS`` activation rows they
+  read the packed weight and dequantize it in registers; above, an exact dequantize feeds cuBLAS;
 - 10.x and up: ``torch._scaled_mm`` for NVFP4 x NVFP4 (``blackwell``, untested on hardware), Triton otherwise;
 - anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
   reason logged once per reason.
@@ -21,6 +22,7 @@ from .. import format as nvfp4
 
 log = logging.getLogger(__name__)
 
+DIRECT_MAX_ROWS = 16  # GEMMs with at most this many rows read the packed weight directly (ops._gemm_plan)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _SCALE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 

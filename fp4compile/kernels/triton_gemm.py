@@ -4,22 +4,22 @@
 
 W is NVFP4: packed e2m1 pairs (uint8 ``[N, K/2]``, element ``2j`` in the low nibble) with e4m3 block scales
 (uint8 bits ``[N, K/16]``) and a global scale ``w_pts``. A is either bf16/fp16 (``gemm_a16``) or NVFP4 too
-(``gemm``). Every ``e2m1 * S_b`` has at most 6 significant bits (NVFP4.md), so the dequantized tile is exact in
+(``gemm``). Every ``e2m1 * S_b`` has at most 6 significant bits (NVFP4.md), so a dequantized operand is exact in
 fp16 and bf16 and the tensor-core products are exact in fp32; the global scales multiply the accumulator once
 (``alpha``, read from device memory: no host sync, CUDA-graph safe).
 
-Dequantization is integer bit moves and one fp16 multiply: a nibble ``s e1 e0 m`` shifted into fp16 bits
-``s..e1 e0 m`` (bit 15, bits 11..9) is the e2m1 value times 2**-14, fp16 subnormals included; an e4m3 byte
-shifted left by 7 is its value times 2**-8. Tiles therefore hold ``value * 2**-14`` and ``alpha`` carries the
-2**14 (2**28 when both operands are NVFP4). On sm_89+ GPUs the nibble moves run as inline PTX on 4 bytes at a
-time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable Triton version.
+Dequantization is integer bit moves: a nibble ``s e1 e0 m`` moved into a float's sign, lowest exponent bits and
+highest mantissa bit is the e2m1 value times a power of two, subnormals included (fp16: 2**-14; bf16: 2**-126,
+then one exact bf16 multiply by the scale times 2**119). ``alpha`` carries the power of two back. On sm_89+ GPUs
+the bit moves run as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 and the
+interpreter use the portable Triton version.
 
-Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (no tensor cores, each block scale applied once per 16
-products), ``_tiled_kernel`` with BLOCK_M = 16 up to M = 16, and above that ``_dequant_kernel`` writing the exact
-``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, followed by
-``_epilogue_kernel`` (global scales, bias, cast). Triton 3.6 crashed compiling the in-register-dequant tiles
-with wgmma-sized blocks, and the variant that compiled ran at a tenth of cuBLAS (tools/KERNEL_NOTES.md).
-Configurations come from short lists, timed on first use per key.
+Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block scale applied once per 16
+products); ``_mma_kernel`` up to M = 16 (tensor cores, the weight dequantized in registers as the MMA's left
+operand, K split across programs); above that ``_dequant_kernel`` writes the exact ``e2m1 * S_b`` operands as
+bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel`` applies the global scales, bias
+and cast. Configurations come from short lists, timed on first use per key (tools/KERNEL_NOTES.md has the runs
+behind these choices).
 """
 
 import os
@@ -29,20 +29,18 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-GEMV_MAX_M = 1  # M == 1: _gemv_kernel
-TILED_MAX_M = 16  # M <= 16: _tiled_kernel; larger M: dequantize to a scratch operand and multiply with cuBLAS
+from . import DIRECT_MAX_ROWS
+
+GEMV_MAX_M = 1  # M == 1: _gemv_kernel; up to DIRECT_MAX_ROWS: _mma_kernel; more: dequantize + cuBLAS
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 128)
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
-# Tiled-kernel configs as (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first is the default.
-_TILED_CONFIGS = [(16, 32, 256, 1, 4, 4), (16, 64, 256, 1, 4, 3), (16, 16, 512, 1, 4, 3), (16, 32, 512, 1, 4, 3),
-                  (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 8, 3)]
 # GEMV configs as (BLOCK_N, BLOCK_K, num_warps).
 _GEMV_CONFIGS = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8), (32, 256, 8)]
 # Small tiles for the CPU interpreter, where the number of programs dominates the run time.
-_INTERPRET_TILED = (16, 32, 64, 1, 4, 1)
 _INTERPRET_GEMV = (16, 64, 4)
+_INTERPRET_MMA = (16, 16, 32, 2, 4, 1)
 
 AUTOTUNE = True  # time every config of a list on first use of a key; False: always take the first
 # Unpack nibbles with inline PTX on 4 bytes at a time (the portable bit-op version costs ~4x the instructions,
@@ -95,79 +93,136 @@ def _unpack_scaled(p, s, DTYPE: tl.constexpr, PTX: tl.constexpr):
     return (even * scale).to(DTYPE), (odd * scale).to(DTYPE)
 
 
+def _operand_ptx(dtype: str) -> str:
+    """Inline PTX: 4 packed bytes + their 4 block scales (2 registers of DTYPE pairs) -> the 8 products
+    ``e2m1 * scale`` as DTYPE pairs: $0, $1 the low nibbles (even elements) of bytes 0-1 and 2-3, $2, $3 the high.
+
+    ``prmt`` moves byte j to the top byte of 16-bit half j; a nibble at the top of a half (bits 12..15) has its
+    sign at bit 15 already, and its magnitude ``e1 e0 m`` shifted right lands in the exponent's two lowest bits
+    and the mantissa's highest (bf16: bits 8..6, value e2m1 * 2**-126; fp16: bits 11..9, e2m1 * 2**-14). The
+    low nibble is moved up by 4 for its sign. Subnormal results (0.5) are exact, and the fma by the scale pair
+    (bf16: scale * 2**119, fp16: scale) is exact because both factors have few significant bits.
+    """
+    hi_shift, lo_shift, mask = ("shr.b32 t, y, 6", "shr.b32 t, y, 2", "0x01C001C0") if dtype == "bf16" else \
+        ("shr.b32 t, y, 3", "shl.b32 t, y, 1", "0x0E000E00")
+    pair = f"""{hi_shift}; and.b32 t, t, {mask}; lop3.b32 u, y, nz, t, 0xEA; fma.rn.{dtype}x2 $H, u, $S, nz;
+shl.b32 z, y, 4; {lo_shift}; and.b32 t, t, {mask}; lop3.b32 u, z, nz, t, 0xEA; fma.rn.{dtype}x2 $L, u, $S, nz;"""
+    return "\n".join([
+        "{", ".reg .b32 y, z, t, u, nz, zero;", "mov.b32 nz, 0x80008000;", "mov.b32 zero, 0;",
+        "prmt.b32 y, $4, zero, 0x1404;", pair.replace("$H", "$2").replace("$L", "$0").replace("$S", "$5"),
+        "prmt.b32 y, $4, zero, 0x3424;", pair.replace("$H", "$3").replace("$L", "$1").replace("$S", "$6"),
+        "}"])
+
+
+_OPERAND_PTX_BF16 = tl.constexpr(_operand_ptx("bf16"))
+_OPERAND_PTX_F16 = tl.constexpr(_operand_ptx("f16"))
+_BF16_SCALE_SHIFT = tl.constexpr(2.0**119)  # bf16 operands hold e2m1 * S_b * 2**-7; fp16 ones e2m1 * S_b * 2**-14
+
+
 @triton.jit
-def _tiled_kernel(
+def _e2m1_value(code):
+    """e2m1 codes (0..15, int32) -> their values as fp32, by arithmetic (the portable path)."""
+    mag = code & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    value = tl.where(e == 0, 0.5 * m, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
+    return tl.where((code & 8) != 0, -value, value)
+
+
+@triton.jit
+def _operand(p, s, DTYPE: tl.constexpr, PTX: tl.constexpr):
+    """[R, G, 8] packed bytes and [R, G] e4m3 scale bits -> the [R, G*16] tensor-core operand in K order, holding
+    ``e2m1 * S_b * 2**-7`` (bf16) or ``* 2**-14`` (fp16, and fp32 in the interpreter)."""
+    R: tl.constexpr = p.shape[0]
+    G: tl.constexpr = p.shape[1]
+    if PTX:
+        if DTYPE == tl.bfloat16:
+            scale = (s.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _BF16_SCALE_SHIFT).to(tl.bfloat16)
+            lo, hi = tl.inline_asm_elementwise(_OPERAND_PTX_BF16, "=r,=r,=r,=r,r,r,r",
+                                               [p, tl.broadcast_to(scale[:, :, None], (R, G, 8))],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            lo, hi = tl.inline_asm_elementwise(_OPERAND_PTX_F16, "=r,=r,=r,=r,r,r,r",
+                                               [p, tl.broadcast_to(scale[:, :, None], (R, G, 8))],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        shift: tl.constexpr = 2.0**-7 if DTYPE == tl.bfloat16 else 2.0**-14
+        scale = _e4m3_to_f16(s, False).to(tl.float32)[:, :, None] * shift
+        code = p.to(tl.int32)
+        lo = (_e2m1_value(code & 15) * scale).to(DTYPE)
+        hi = (_e2m1_value(code >> 4) * scale).to(DTYPE)
+    return tl.reshape(tl.join(lo, hi), (R, G * 16))
+
+
+@triton.jit
+def _mma_kernel(
     # pointers
-    a_ptr, a_scale_ptr, a_pts_ptr, w_ptr, w_scale_ptr, w_pts_ptr, bias_ptr, out_ptr,
+    a_ptr, a_pts_ptr, w_ptr, w_scale_ptr, w_pts_ptr, bias_ptr, out_ptr,
     # dims
     M, N, K,
-    # strides (packed bytes and scales are contiguous along K)
-    stride_am, stride_ak, stride_asm, stride_wn, stride_wsn, stride_om,
+    # strides (everything is contiguous along K; stride_os: between the split-K partial outputs)
+    stride_am, stride_wn, stride_wsn, stride_om, stride_os,
     # meta-parameters
-    A_FP4: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ALPHA_SHIFT: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile per program, K walked in steps of BLOCK_K.
+    """Small M on tensor cores, operands swapped: out^T tile [BLOCK_N, BLOCK_M] = W tile @ A tile^T.
 
-    A K step is HALF = BLOCK_K/2 packed bytes. Their low nibbles (even elements) and high nibbles (odd
-    elements) make two dots of depth HALF, so no tile is ever interleaved: the weight is read as a
-    [HALF, BLOCK_N] K-contiguous view (the B operand as is), each byte with its block's scale (byte j uses
-    scale j // 8); a bf16/fp16 activation is read as its even and odd columns. Row indices wrap modulo M and
-    N so loads need no row masks (the store is masked); K is masked per byte (K is a multiple of 16).
+    The weight is the MMA's left operand, dequantized in registers (``_operand``) into K order, so the MMA's
+    long side (64 rows on Hopper) is N and the activation's few rows fill its short side (BLOCK_M >= 16; rows
+    past M wrap modulo M and are not stored). A K step reads [BLOCK_N, BLOCK_K/2] packed bytes as
+    [BLOCK_N, G, 8] with G = BLOCK_K/16 blocks, their [BLOCK_N, G] block scales, and the bf16/fp16 activation
+    tile as [BLOCK_K, BLOCK_M] (K contiguous); K is masked per 16-block. An NVFP4 activation arrives
+    dequantized (exact e2m1 * S_b values, its global scale in ``a_pts_ptr``): dequantizing it here too, as the
+    MMA's right operand, crashes Triton 3.6 (tools/KERNEL_NOTES.md). Program (n, m, s) covers the s-th of
+    SPLIT_K slices of the K steps; with one slice it applies the global scales, bias and cast, with more it
+    stores its raw fp32 partial for ``_epilogue_kernel``.
     """
-    HALF: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    # Grouped ordering: GROUP_M row tiles share each weight column tile while it is in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    G: tl.constexpr = BLOCK_K // 16
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_m = offs_m % M
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = offs_n % N
-    offs_j = tl.arange(0, HALF)
-    num_pairs = K // 2
+    rows_m = offs_m % M
+    offs_g = tl.arange(0, G)
+    offs_b = tl.arange(0, 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    num_groups = K // 16
+    steps = tl.cdiv(num_groups, G)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first = pid_s * per_split
+    last = tl.minimum(first + per_split, steps)
 
-    w_ptrs = w_ptr + rows_n[None, :] * stride_wn + offs_j[:, None]
-    ws_ptrs = w_scale_ptr + rows_n[None, :] * stride_wsn + (offs_j // 8)[:, None]
-    if A_FP4:
-        a_ptrs = a_ptr + rows_m[:, None] * stride_am + offs_j[None, :]
-        as_ptrs = a_scale_ptr + rows_m[:, None] * stride_asm + (offs_j // 8)[None, :]
+    w_ptrs = w_ptr + rows_n[:, None, None] * stride_wn + (first * G + offs_g)[None, :, None] * 8 + offs_b[None, None, :]
+    ws_ptrs = w_scale_ptr + rows_n[:, None] * stride_wsn + (first * G + offs_g)[None, :]
+    a_ptrs = a_ptr + rows_m[None, :] * stride_am + (first * BLOCK_K + offs_k)[:, None]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(first, last):
+        g_mask = offs_g < num_groups - step * G
+        w = _operand(tl.load(w_ptrs, mask=g_mask[None, :, None], other=0),
+                     tl.load(ws_ptrs, mask=g_mask[None, :], other=0), DOT_DTYPE, PTX)
+        a = tl.load(a_ptrs, mask=(offs_k < K - step * BLOCK_K)[:, None], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(w, a, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += G * 8
+        ws_ptrs += G
+
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    if SPLIT_K == 1:
+        alpha = tl.load(w_pts_ptr) * ALPHA_SHIFT
+        if a_pts_ptr is not None:
+            alpha = alpha * tl.load(a_pts_ptr)
+        acc = acc * alpha
+        if bias_ptr is not None:
+            acc += tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        a_ptrs = a_ptr + rows_m[:, None] * stride_am + (2 * offs_j)[None, :] * stride_ak
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, tl.cdiv(num_pairs, HALF)):
-        j_mask = offs_j < num_pairs - step * HALF
-        w_even, w_odd = _unpack_scaled(tl.load(w_ptrs, mask=j_mask[:, None], other=0),
-                                       tl.load(ws_ptrs, mask=j_mask[:, None], other=0), DOT_DTYPE, PTX)
-        if A_FP4:
-            a_even, a_odd = _unpack_scaled(tl.load(a_ptrs, mask=j_mask[None, :], other=0),
-                                           tl.load(as_ptrs, mask=j_mask[None, :], other=0), DOT_DTYPE, PTX)
-            a_ptrs += HALF
-            as_ptrs += HALF // 8
-        else:
-            a_even = tl.load(a_ptrs, mask=j_mask[None, :], other=0.0).to(DOT_DTYPE)
-            a_odd = tl.load(a_ptrs + stride_ak, mask=j_mask[None, :], other=0.0).to(DOT_DTYPE)
-            a_ptrs += BLOCK_K * stride_ak
-        acc = tl.dot(a_even, w_even, acc)
-        acc = tl.dot(a_odd, w_odd, acc)
-        w_ptrs += HALF
-        ws_ptrs += HALF // 8
-
-    alpha = tl.load(w_pts_ptr) * 16384.0
-    if A_FP4:
-        alpha = alpha * (tl.load(a_pts_ptr) * 16384.0)
-    acc = acc * alpha
-    if bias_ptr is not None:
-        acc += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        tl.store(out_ptrs + pid_s * stride_os, acc, mask=mask)
 
 
 @triton.jit
@@ -269,20 +324,23 @@ def _dequant_kernel(
 def _epilogue_kernel(
     # pointers
     acc_ptr, a_pts_ptr, w_pts_ptr, bias_ptr, out_ptr,
-    # dims
-    M, N,
-    # meta-parameters (acc and out are contiguous [M, N])
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    # dims (acc holds SPLIT contiguous [M, N] fp32 partials; out is contiguous [M, N])
+    M, N, SPLIT,
+    # meta-parameters
+    ALPHA_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out = acc * (a_pts * w_pts) + bias, cast once: the global scales of the cuBLAS path (masked tiles)."""
+    """out = sum of the partials * (a_pts * w_pts * ALPHA_SHIFT) + bias, cast once (masked tiles)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     offs = offs_m[:, None] * N + offs_n[None, :]
-    alpha = tl.load(w_pts_ptr)
+    alpha = tl.load(w_pts_ptr) * ALPHA_SHIFT
     if a_pts_ptr is not None:
         alpha = alpha * tl.load(a_pts_ptr)
-    out = tl.load(acc_ptr + offs, mask=mask, other=0.0) * alpha
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(SPLIT):
+        acc += tl.load(acc_ptr + split * M * N + offs, mask=mask, other=0.0)
+    out = acc * alpha
     if bias_ptr is not None:
         out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -308,38 +366,8 @@ def _choose(key: tuple, configs: list, launch) -> tuple:
     return _best[key]
 
 
-def launch_tiled(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=None):
-    """Run ``_tiled_kernel`` into ``out`` [M, N]; ``a_scales`` None means ``a`` is bf16/fp16, else packed NVFP4."""
-    m, n, k = a.shape[0], w_packed.shape[0], w_packed.shape[1] * 2
-    a_fp4 = a_scales is not None
-    dot_dtype = tl.float16 if a_fp4 or a.dtype == torch.float16 else tl.bfloat16
-    if knobs.runtime.interpret and dot_dtype == tl.bfloat16:
-        dot_dtype = tl.float32  # the interpreter's bf16 tl.dot is wrong (Triton 3.9); fp32 tiles are as exact
-
-    def run(cfg):
-        block_m, block_n, block_k, group_m, warps, stages = cfg
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        _tiled_kernel[grid](
-            a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out,
-            m, n, k,
-            a.stride(0), a.stride(1), a_scales.stride(0) if a_fp4 else 0, w_packed.stride(0), w_scales.stride(0),
-            out.stride(0),
-            A_FP4=a_fp4, DOT_DTYPE=dot_dtype, PTX=_ptx(a.device),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
-        )
-
-    if config is None:
-        if knobs.runtime.interpret:
-            config = _INTERPRET_TILED
-        else:
-            key = ("tiled", a_fp4, a.dtype, out.dtype, bias is not None, n, k, triton.next_power_of_2(m))
-            config = _choose(key, _TILED_CONFIGS, run)
-    run(config)
-    return out
-
-
 def launch_gemv(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=None):
-    """Run ``_gemv_kernel`` (M == 1) into ``out`` [1, N]; arguments as for :func:`launch_tiled`."""
+    """Run ``_gemv_kernel`` (M == 1) into ``out`` [1, N]; arguments as for :func:`launch_mma`."""
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     a_fp4 = a_scales is not None
 
@@ -362,6 +390,57 @@ def launch_gemv(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config
     return out
 
 
+def launch_mma(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=None):
+    """Run ``_mma_kernel`` into ``out`` [M, N] (plus ``_epilogue_kernel`` when K is split). ``a_scales`` None
+    means ``a`` is bf16/fp16 [M, K]; else ``a`` is packed NVFP4 [M, K/2], dequantized first (fp16, exact) and its
+    global scale ``a_pts`` joins alpha. ``config`` is (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, stages)."""
+    m, n, k = a.shape[0], w_packed.shape[0], w_packed.shape[1] * 2
+    if a_scales is not None:
+        a = dequantize(a, a_scales, torch.float16)
+    elif a.stride(1) != 1:
+        a = a.contiguous()
+    dot_dtype = tl.float16 if a.dtype == torch.float16 else tl.bfloat16
+    if knobs.runtime.interpret:
+        dot_dtype = tl.float32  # the interpreter's bf16 tl.dot is wrong (Triton 3.9); fp32 tiles are as exact
+    alpha_shift = 2.0**7 if dot_dtype == tl.bfloat16 else 2.0**14
+
+    def run(cfg):
+        block_n, block_m, block_k, split, warps, stages = cfg
+        split = min(split, triton.cdiv(k, block_k))
+        partials = out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+        _mma_kernel[grid](
+            a, a_pts, w_packed, w_scales, w_pts, bias, partials,
+            m, n, k,
+            a.stride(0), w_packed.stride(0), w_scales.stride(0), partials.stride(-2), m * n,
+            DOT_DTYPE=dot_dtype, ALPHA_SHIFT=alpha_shift, PTX=_ptx(a.device),
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
+        )
+        if split > 1:
+            eb_m, eb_n = _EPILOGUE_BLOCK
+            _epilogue_kernel[(triton.cdiv(m, eb_m), triton.cdiv(n, eb_n))](
+                partials, a_pts, w_pts, bias, out, m, n, split,
+                ALPHA_SHIFT=alpha_shift, BLOCK_M=eb_m, BLOCK_N=eb_n)
+
+    if config is None:
+        if knobs.runtime.interpret:
+            config = _INTERPRET_MMA
+        else:
+            key = ("mma", a.dtype, out.dtype, bias is not None, n, k, triton.next_power_of_2(m))
+            config = _choose(key, _mma_configs(m), run)
+    run(config)
+    return out
+
+
+def _mma_configs(m: int) -> list:
+    """Configs for ``_mma_kernel``, as (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, num_stages). BLOCK_M
+    covers M (16 at least). In the H200 sweeps (KERNEL_NOTES.md) BLOCK_N = 64 with BLOCK_K = 64 or 128 won every
+    decode shape, with K split 4 or 8 ways so that a few hundred programs share the weight read."""
+    block_m = max(16, triton.next_power_of_2(m))
+    return [(64, block_m, 64, 4, 4, 3), (64, block_m, 64, 8, 4, 4), (64, block_m, 128, 8, 4, 3),
+            (64, block_m, 128, 4, 4, 3), (128, block_m, 64, 8, 8, 4)]
+
+
 def dequantize(packed, scales, dtype):
     """[R, K/2] packed + [R, K/16] scale bits -> [R, K] of ``e2m1 * S_b`` as ``dtype`` (exact for bf16/fp16)."""
     r, k = packed.shape[0], packed.shape[1] * 2
@@ -376,7 +455,7 @@ def dequantize(packed, scales, dtype):
 def launch_cublas(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out):
     """Large M: dequantize to bf16/fp16 scratch (exact), one cuBLAS GEMM with fp32 output, then the epilogue.
 
-    The block-scaled products are exact and accumulate in fp32 as in the tiled kernel; only the global
+    The block-scaled products are exact and accumulate in fp32 as in the other kernels; only the global
     scales, applied by ``_epilogue_kernel`` from device memory, stay out of cuBLAS (its alpha is a host value).
     """
     dtype = torch.bfloat16 if a_scales is not None else a.dtype
@@ -389,7 +468,7 @@ def launch_cublas(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out):
     m, n = acc.shape
     block_m, block_n = _EPILOGUE_BLOCK
     _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        acc, a_pts, w_pts, bias, out, m, n, BLOCK_M=block_m, BLOCK_N=block_n)
+        acc, a_pts, w_pts, bias, out, m, n, 1, ALPHA_SHIFT=1.0, BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
 
@@ -397,7 +476,7 @@ def _launch(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, out)
     m, n = a.shape[0], w_packed.shape[0]
     if out is None:
         out = torch.empty((m, n), device=a.device, dtype=out_dtype)
-    launch = launch_gemv if m <= GEMV_MAX_M else launch_tiled if m <= TILED_MAX_M else launch_cublas
+    launch = launch_gemv if m <= GEMV_MAX_M else launch_mma if m <= DIRECT_MAX_ROWS else launch_cublas
     return launch(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out)
 
 
