@@ -31,6 +31,8 @@ FP4_OPTIONS = ("scheme", "skip", "report")
 # Inductor keeps fused bf16/fp16 intermediates in fp32 unless told otherwise; the activation quantize must see the
 # values eager mode would (a rounding skipped before an NVFP4 quantize moves elements across e2m1 boundaries).
 INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
+# Before torch 2.13 (pytorch#185337) Inductor's C++ backend ignores emulate_precision_casts; see _cpp_precision_casts.
+_CPP_DROPS_PRECISION_CASTS = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
 
 @dataclass
@@ -70,6 +72,33 @@ def _check_inference(gm: torch.fx.GraphModule, example_inputs) -> None:
         )
 
 
+@contextlib.contextmanager
+def _cpp_precision_casts():
+    """Make Inductor's C++ (CPU) backend keep the bf16/fp16 roundings that ``emulate_precision_casts`` asks for.
+
+    torch 2.11 and 2.12: the C++ backend's ``to_dtype`` puts the inverse of every fp32 -> bf16/fp16 cast into its CSE
+    cache, so the cast back to fp32 that the emulation emits returns the unrounded fp32 value. Every rounding eager
+    mode does between fused ops (a GEMM epilogue's ``.to(bf16)`` before a ReLU, each op of an RMSNorm) then
+    vanishes, and the activation quantize sees other values than eager mode: elements cross e2m1 boundaries.
+    torch 2.13 skips that cache under ``emulate_precision_casts``; this does the same on older versions, for the
+    duration of one fp4 compile (the flag is read at code generation time, so an explicit
+    ``emulate_precision_casts=False`` keeps Inductor's behaviour).
+    """
+    from torch._inductor.codegen import cpp
+
+    original = getattr(getattr(cpp, "CppKernel", None), "cache_dtype_convert", None)
+    if not _CPP_DROPS_PRECISION_CASTS or original is None:
+        yield
+        return
+
+    def cache_dtype_convert(self, *args, **kwargs):
+        if not torch._inductor.config.emulate_precision_casts:
+            return original(self, *args, **kwargs)
+
+    with unittest.mock.patch.object(cpp.CppKernel, "cache_dtype_convert", cache_dtype_convert):
+        yield
+
+
 class CompiledGraph:
     """Inductor's compiled graph, plus a check that the weights it embeds are still the model's weights.
 
@@ -90,7 +119,7 @@ class CompiledGraph:
             if fake_mode is not None
             else contextlib.nullcontext()
         )
-        with allow_real:
+        with allow_real, _cpp_precision_casts():
             self.compiled = compile_fx(gm, example_inputs, config_patches=options.inductor)
 
     def __call__(self, *args):
