@@ -14,9 +14,11 @@ import contextlib
 import logging
 import unittest.mock
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .ops import SCHEMES
 
@@ -28,9 +30,27 @@ except ImportError:  # a source checkout that was not pip-installed: passes/ sit
 log = logging.getLogger("fp4compile")
 
 FP4_OPTIONS = ("scheme", "skip", "report")
+
+
+class _DecompositionVersion(CustomGraphPass):
+    """A pass that changes nothing and adds the code of fp4compile's op decompositions to Inductor's FX graph cache
+    key. The key covers the graph and Inductor's config, not how our ops decompose (``ops._gemm_plan``, the
+    dequantize in ``format``, ``kernels.DIRECT_MAX_ROWS``): without this, a newer fp4compile was served graphs
+    compiled by the older one (seen in tests that change the plan)."""
+
+    _FILES = tuple(str(Path(__file__).parent / name) for name in ("ops.py", "format.py", "kernels/__init__.py"))
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(self._FILES)
+
+
 # Inductor keeps fused bf16/fp16 intermediates in fp32 unless told otherwise; the activation quantize must see the
 # values eager mode would (a rounding skipped before an NVFP4 quantize moves elements across e2m1 boundaries).
-INDUCTOR_DEFAULTS = {"emulate_precision_casts": True}
+# A user's own post_grad_custom_post_pass replaces the cache-key pass.
+INDUCTOR_DEFAULTS = {"emulate_precision_casts": True, "post_grad_custom_post_pass": _DecompositionVersion()}
 # Before torch 2.13 (pytorch#185337) Inductor's C++ backend ignores emulate_precision_casts; see _cpp_precision_casts.
 _CPP_DROPS_PRECISION_CASTS = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 

@@ -1,5 +1,6 @@
 """torch.compile(model, backend="fp4") end to end on CPU: numbers, fusion, caching, errors and options."""
 
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from torch._inductor.utils import run_and_get_code
 
 import fp4compile
 from fp4compile import format as nvfp4
-from fp4compile.backend import BackendOptions
+from fp4compile.backend import INDUCTOR_DEFAULTS, BackendOptions
 from fp4compile.passes import WEIGHT_CACHE
 
 
@@ -177,6 +178,21 @@ def test_warm_compile_hits_the_fx_graph_cache_and_keeps_each_models_weights():
     torch.testing.assert_close(out, emulate_mlp(other, x), rtol=1e-5, atol=1e-6)
 
 
+def test_changed_decompositions_miss_the_fx_graph_cache(monkeypatch):
+    """The cache key carries a hash of the files our ops decompose with; other code must not reuse old graphs."""
+    from fp4compile.backend import _DecompositionVersion
+
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        compile_fp4(MLP())(x)
+        other_code = os.urandom(16)  # new in every run: the cache on disk outlives the test
+        monkeypatch.setattr(_DecompositionVersion, "uuid", lambda self: other_code)
+        counters.clear()
+        compile_fp4(MLP())(x)
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 1, dict(counters["inductor"])
+    assert counters["inductor"]["fxgraph_cache_hit"] == 0, dict(counters["inductor"])
+
+
 def test_calibrated_layer_compiles_to_its_eager_output():
     linear = nn.Linear(64, 32)
     layer = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach() * 3))
@@ -217,7 +233,8 @@ def test_report_option_collects_reports():
 def test_options_split_between_fp4_and_inductor():
     parsed = BackendOptions.parse({"scheme": "nvfp4a16", "triton.cudagraphs": True, "skip": "head"}, None)
     assert (parsed.scheme, parsed.skip) == ("nvfp4a16", ("head",))
-    assert parsed.inductor == {"emulate_precision_casts": True, "triton.cudagraphs": True}
+    assert parsed.inductor == {"emulate_precision_casts": True, "triton.cudagraphs": True,
+                               "post_grad_custom_post_pass": INDUCTOR_DEFAULTS["post_grad_custom_post_pass"]}
     assert BackendOptions.parse(None, "reduce-overhead").inductor["triton.cudagraphs"] is True
     with pytest.raises(ValueError, match="unknown scheme 'fp8'"):
         BackendOptions.parse({"scheme": "fp8"}, None)
