@@ -21,6 +21,11 @@ from .ops import SCHEMES
 
 DEFAULT_SKIP = ("lm_head",)
 
+# calibrate()'s ``asymmetric`` per scheme (tools/QUALITY.md): 0.25 gave better perplexity on both evaluation texts
+# for nvfp4a16; for nvfp4, 0.25 and 0.1 helped the text near the calibration data a lot but made the distant one a
+# little worse. 1.0 (the full least-squares correction) was far worse (nvfp4a16).
+ASYMMETRIC_DEFAULT = {"nvfp4a16": 0.25, "nvfp4": 0.0}
+
 
 @dataclass
 class LayerReport:
@@ -124,10 +129,16 @@ class _Collector:
 
     Linears that receive the same input tensor in one forward (q/k/v, gate/up) share one Hessian. With
     ``fake_quant``, inputs are first fake-quantized as the ``nvfp4`` runtime quantizes them (dynamic global scale).
+    With ``asymmetric``, the Hessians also keep the cross term with ``refs``: while ``recording`` is set, the hooks
+    only store each linear's input there (run the unquantized block on the unquantized model's input of the same
+    sample first).
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], fake_quant: bool):
+    def __init__(self, linears: dict[str, nn.Linear], fake_quant: bool, asymmetric: bool = False):
         self.fake_quant = fake_quant
+        self.asymmetric = asymmetric
+        self.recording = False
+        self.refs: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, G.Hessian] = {}
         self.amax: dict[str, torch.Tensor] = {}
         self._shared: dict[str, str] = {}  # name -> the name whose Hessian it shares
@@ -137,16 +148,19 @@ class _Collector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
+            if self.recording:
+                self.refs[name] = x
+                return
             if self._last is not None and self._last[0] is x and self._last[1] != name:
                 self._shared[name] = self._last[1]
                 return
             self._last = (x, name)
             h = self.hessians.get(name)
             if h is None:
-                h = self.hessians[name] = G.Hessian(x.shape[-1], x.device)
+                h = self.hessians[name] = G.Hessian(x.shape[-1], x.device, self.asymmetric)
             amax = x.detach().abs().amax().float()
             self.amax[name] = torch.maximum(self.amax[name], amax) if name in self.amax else amax
-            h.add(nvfp4.fake_quantize(x) if self.fake_quant else x)
+            h.add(nvfp4.fake_quantize(x) if self.fake_quant else x, self.refs.get(name))
         return hook
 
     def hessian(self, name: str) -> G.Hessian | None:
@@ -243,6 +257,7 @@ class _Settings:
     act_order: bool
     scale_timing: G.ScaleTiming
     static_activation_scale: bool
+    asymmetric: float
 
 
 def _quantize_layers(model: nn.Module, linears: dict[str, nn.Linear], collector: _Collector, s: _Settings,
@@ -257,7 +272,8 @@ def _quantize_layers(model: nn.Module, linears: dict[str, nn.Linear], collector:
         t0 = time.perf_counter()
         bar.set_postfix_str(name)
         w = lin.weight.detach()
-        res = G.gptq(w, hess.h, s.fmt, percdamp=s.percdamp, blocksize=s.blocksize, act_order=s.act_order,
+        target = w if hess.cross is None else G.asymmetric_target(w, hess.h, hess.cross, s.asymmetric, s.percdamp)
+        res = G.gptq(target, hess.h, s.fmt, percdamp=s.percdamp, blocksize=s.blocksize, act_order=s.act_order,
                      scale_timing=s.scale_timing)
         rtn_q = nvfp4.dequantize(nvfp4.quantize(w))
         act_scale = nvfp4.global_scale_from_amax(collector.amax_of(name)) if s.static_activation_scale else None
@@ -278,6 +294,7 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
     """Block by block: each block's Hessians come from the outputs of the already-quantized blocks before it.
 
     Linears outside the blocks that run before the first block are calibrated first; returns those that remain.
+    With ``s.asymmetric``, each block also runs unquantized on the unquantized model's inputs, for the cross terms.
     """
     outside = {n: m for n, m in linears.items() if n not in _inside(blocks, linears)}
     collector = _Collector(outside, fake_quant)
@@ -285,6 +302,7 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
         inputs = _capture_inputs(model, blocks[0], data, device)
     finally:
         collector.close()
+    fp_inputs = inputs if s.asymmetric else None
     before = {n: m for n, m in outside.items() if collector.hessian(n) is not None}
     if before:
         _quantize_layers(model, before, collector, s, report, bar)
@@ -292,14 +310,20 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
     report.samples = len(inputs)
     for i, block in enumerate(blocks):
         mine = _inside(block, linears)
-        collector = _Collector(mine, fake_quant)
+        collector = _Collector(mine, fake_quant, asymmetric=fp_inputs is not None)
+        fp_next = []
         try:
-            for args, kwargs in inputs:
+            for j, (args, kwargs) in enumerate(inputs):
+                if fp_inputs is not None:
+                    collector.recording = True
+                    fp_next += _next_inputs(block, fp_inputs[j:j + 1])
+                    collector.recording = False
                 block(*args, **kwargs)
         finally:
             collector.close()
         _quantize_layers(model, mine, collector, s, report, bar)
         inputs = _next_inputs(block, inputs) if i + 1 < len(blocks) else []
+        fp_inputs = fp_next if fp_inputs is not None else None
     return {n: m for n, m in outside.items() if n not in before}
 
 
@@ -321,8 +345,8 @@ def _calibrate_all_at_once(model, linears, data, device, fake_quant: bool, s: _S
 def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percdamp: float = 0.01,
               blocksize: int = 128, act_order: bool = True, scale_search: G.ScaleSearch = "mse",
               scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
-              static_activation_scale: bool = False, skip: Iterable[str] = DEFAULT_SKIP,
-              progress: bool = True) -> CalibrationReport:
+              static_activation_scale: bool = False, asymmetric: float | None = None,
+              skip: Iterable[str] = DEFAULT_SKIP, progress: bool = True) -> CalibrationReport:
     """Quantize ``model``'s eligible linears with GPTQ on ``data`` and replace them, in place, by ``NVFP4Linear``.
 
     data: an iterable of model inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs), as a
@@ -335,6 +359,10 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     scale_timing: see ``gptq.gptq``; "upfront" measured better than "sweep" (and act_order needs it).
     act_order: quantize columns in order of decreasing Hessian diagonal; measured better on both evaluation
         texts (tools/QUALITY.md), so on by default.
+    asymmetric: alpha of ``gptq.asymmetric_target`` (QEP / GPTAQ); above 0, each layer aims at the unquantized
+        model's output rather than at its own weight on the quantized inputs, which also undoes part of the error
+        of the layers before it. Block-by-block calibration only; each block then runs once more per sample.
+        None: ``ASYMMETRIC_DEFAULT[scheme]``.
     skip: fnmatch patterns of module names (full or last component) left in high precision.
     Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
     """
@@ -344,7 +372,8 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
     t0 = time.perf_counter()
     s = _Settings(scheme, G.nvfp4_format(scale_search), percdamp, blocksize, act_order,
-                  scale_timing, static_activation_scale)
+                  scale_timing, static_activation_scale,
+                  ASYMMETRIC_DEFAULT[scheme] if asymmetric is None else asymmetric)
     fake_quant = fake_quant_inputs and scheme == "nvfp4"
     linears, skipped = eligible_linears(model, skip)
     found = find_blocks(model, linears) if sequential else None

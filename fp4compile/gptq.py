@@ -105,19 +105,45 @@ def nvfp4_format(search: ScaleSearch = "none") -> Format:
 
 
 class Hessian:
-    """Running mean of ``2 x x^T`` over the rows of ``x`` (``[..., K]``), accumulated in fp32: ``H = 2 X X^T / n``."""
+    """Running mean of ``2 x x^T`` over the rows of ``x`` (``[..., K]``), accumulated in fp32: ``H = 2 X X^T / n``.
 
-    def __init__(self, k: int, device: torch.device | str | None = None):
+    With ``asymmetric``, :meth:`add` also takes ``ref``, the same rows as the unquantized model computes them, and
+    keeps the cross term ``C = 2 (R - X)^T X / n`` that :func:`asymmetric_target` needs.
+    """
+
+    def __init__(self, k: int, device: torch.device | str | None = None, asymmetric: bool = False):
         self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.cross = torch.zeros_like(self.h) if asymmetric else None
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.h.shape[0]).float()
-        m = x.shape[0]
-        self.h *= self.n / (self.n + m)
-        self.n += m
+    def add(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+        k = self.h.shape[0]
+        x = x.detach().reshape(-1, k).float()
+        keep = self.n / (self.n + x.shape[0])
+        self.n += x.shape[0]
         x = x * math.sqrt(2 / self.n)
-        self.h.addmm_(x.t(), x)
+        self.h.mul_(keep).addmm_(x.t(), x)
+        if self.cross is not None:
+            d = ref.detach().reshape(-1, k).float() * math.sqrt(2 / self.n) - x
+            self.cross.mul_(keep).addmm_(d.t(), x)
+
+
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, alpha: float,
+                      percdamp: float = 0.01) -> torch.Tensor:
+    """The weight GPTQ should aim at so that the layer, fed the quantized model's inputs X, matches the unquantized
+    layer fed the unquantized model's inputs R: the weight correction of QEP (arXiv:2504.09629), the same
+    objective as GPTAQ's asymmetric calibration (arXiv:2504.02692).
+
+    ``W* = W + alpha W C (H + damp I)^-1`` with ``C = 2 (R - X)^T X / n``; alpha = 1 is the least-squares fit of
+    ``W R`` from X (then ``|Q X - W R|^2 = |(Q - W*) X|^2 + const``), smaller alpha trusts the calibration data less.
+    """
+    w = weight.detach().float()
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(percdamp * h.diagonal().mean())
+    correction = torch.cholesky_solve((w @ cross.float()).t(), torch.linalg.cholesky(h)).t()
+    return w + alpha * correction
 
 
 @dataclass

@@ -129,7 +129,7 @@ def test_sequential_hessians_see_the_quantized_blocks_before(monkeypatch):
 
     q = model.layers[2].q  # the first linear of block 2: its input depends on blocks 0 and 1 only
     monkeypatch.setattr(G, "gptq", spy)
-    calibrate(model, data, scheme="nvfp4a16", progress=False)
+    calibrate(model, data, scheme="nvfp4a16", asymmetric=0.0, progress=False)  # GPTQ gets the weight itself
     # inputs of layers.2.q as the calibrated model computes them, blocks 0 and 1 quantized
     h = G.Hessian(64)
     handle = model.layers[2].q.register_forward_pre_hook(lambda m, a: h.add(a[0]))
@@ -154,6 +154,63 @@ def test_nvfp4_hessian_uses_fake_quantized_activations(monkeypatch):
     calibrate(model, [x], scheme="nvfp4", progress=False)
     q = nvfp4.fake_quantize(x)
     torch.testing.assert_close(got["h"], 2 * q.T @ q / 64, rtol=1e-4, atol=1e-5)
+
+
+def test_asymmetric_cross_terms_come_from_the_unquantized_model(monkeypatch):
+    model, data = tiny_lm(), token_batches(4)
+    fp = copy.deepcopy(model)
+    seen = {}
+    real_target = G.asymmetric_target
+
+    def spy(weight, hessian, cross, alpha, percdamp):
+        seen[weight.data_ptr()] = hessian.clone(), cross.clone()
+        return real_target(weight, hessian, cross, alpha, percdamp)
+
+    q = model.layers[2].q
+    monkeypatch.setattr(G, "asymmetric_target", spy)
+    calibrate(model, data, scheme="nvfp4a16", asymmetric=0.5, progress=False)
+    # inputs of layers.2.q in the calibrated model (blocks 0 and 1 quantized) and in the unquantized one
+    got = {}
+    hooks = [m.layers[2].q.register_forward_pre_hook(lambda mod, a, key=key: got.setdefault(key, []).append(a[0]))
+             for key, m in (("x", model), ("ref", fp))]
+    with torch.no_grad():
+        for ids in data:
+            model(ids), fp(ids)
+    for h in hooks:
+        h.remove()
+    x, ref = (torch.cat(got[k]).reshape(-1, 64) for k in ("x", "ref"))
+    assert (x - ref).abs().max() > 1e-3
+    hessian, cross = seen[q.weight.data_ptr()]
+    torch.testing.assert_close(hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cross, 2 * (ref - x).T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4"])
+def test_asymmetric_calibration_tracks_the_unquantized_model_better(scheme):
+    data = token_batches(8)
+    test = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(9))
+    ref = tiny_lm()(test)
+    err = {}
+    for alpha in (0.0, 0.25):
+        model = tiny_lm()
+        calibrate(model, data, scheme=scheme, asymmetric=alpha, progress=False)
+        err[alpha] = rel_err(model(test), ref)
+    assert err[0.25] < 0.95 * err[0.0], err
+
+
+def test_asymmetric_default_per_scheme(monkeypatch):
+    alphas = []
+    real_target = G.asymmetric_target
+
+    def spy(weight, hessian, cross, alpha, percdamp):
+        alphas.append(alpha)
+        return real_target(weight, hessian, cross, alpha, percdamp)
+
+    monkeypatch.setattr(G, "asymmetric_target", spy)
+    calibrate(tiny_lm(), token_batches(2), scheme="nvfp4", progress=False)
+    assert alphas == []
+    calibrate(tiny_lm(), token_batches(2), scheme="nvfp4a16", progress=False)
+    assert alphas == [0.25] * 18  # the 6 linears of each of the 3 blocks; "proj" runs before them
 
 
 def test_toy_linear_stack_gptq_output_mse_at_most_035_of_rtn():

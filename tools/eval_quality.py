@@ -37,9 +37,10 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 
 # name -> calibrate() keyword arguments; "base" and "rtn*" are handled apart. Each "gptq-*" variant changes one
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
-_PLAIN = {"scale_search": "none", "scale_timing": "sweep"}
+_PLAIN = {"scale_search": "none", "scale_timing": "sweep", "asymmetric": 0.0}
 GPTQ_VARIANTS = {
-    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order (earlier: four-over-six, no act-order)
+    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, asymmetric 0.25 for nvfp4a16
+    "gptq-asym0": {"asymmetric": 0.0},  # the defaults before the asymmetric target
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
     "gptq-mse": {**_PLAIN, "scale_search": "mse"},
@@ -52,6 +53,9 @@ GPTQ_VARIANTS = {
     "gptq-float-hessian": {**_PLAIN, "fake_quant_inputs": False},
     "gptq-all-at-once": {**_PLAIN, "sequential": False},
     "gptq-static": {**_PLAIN, "static_activation_scale": True},
+    "gptq-asym0.1": {"asymmetric": 0.1},
+    "gptq-asym0.25": {"asymmetric": 0.25},
+    "gptq-asym1": {"asymmetric": 1.0},
 }
 
 
