@@ -122,9 +122,12 @@ def test_awkward_activations(m):
 
 @gpu_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
-def test_every_mma_config(op):
+@pytest.mark.parametrize("kernel", ("gemv", "mma"))
+def test_every_config(kernel, op):
     """Each tuned configuration computes the same function (also warms the compile cache for the bench)."""
-    m, n, k = 16, 256, 1024
+    m, n, k = (1 if kernel == "gemv" else 16), 256, 1024
+    configs, launch = ((triton_gemm._GEMV_CONFIGS, triton_gemm.launch_gemv) if kernel == "gemv"
+                       else (triton_gemm._mma_configs(m), triton_gemm.launch_mma))
     w = random_nvfp4(n, k)
     if op == "a16":
         x = torch.randn(m, k, device=DEVICE).bfloat16()
@@ -132,9 +135,9 @@ def test_every_mma_config(op):
     else:
         a = random_nvfp4(m, k)
         ref = dequant64(*a) @ dequant64(*w).t()
-    for config in triton_gemm._mma_configs(m):
+    for config in configs:
         out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-        triton_gemm.launch_mma(*a, *w, None, out, config=config)
+        launch(*a, *w, None, out, config=config)
         err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
         assert not out.isnan().any() and err < 2**-7, f"config {config}: relative error {err:.2e}"
 
@@ -157,24 +160,6 @@ def test_mma_split_k(op, config):
             triton_gemm.launch_mma(*a, *w, bias, out, config=config)
             ref = dequant64(*a) @ dequant64(*w).t()
         check(out, ref + bias.cpu().double(), out, torch.float32)
-
-
-@gpu_only
-@pytest.mark.parametrize("op", ("a16", "nvfp4"))
-def test_every_gemv_config(op):
-    n, k = 256, 1024
-    w = random_nvfp4(n, k)
-    if op == "a16":
-        x = torch.randn(1, k, device=DEVICE).bfloat16()
-        a, ref = (x, None, None), x.cpu().double() @ dequant64(*w).t()
-    else:
-        a = random_nvfp4(1, k)
-        ref = dequant64(*a) @ dequant64(*w).t()
-    for config in triton_gemm._GEMV_CONFIGS:
-        out = torch.full((1, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-        triton_gemm.launch_gemv(*a, *w, None, out, config=config)
-        err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
-        assert not out.isnan().any() and err < 2**-7, f"config {config}: relative error {err:.2e}"
 
 
 @gpu_only
