@@ -126,7 +126,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     quant = torch.compile(lambda x: torch.ops.fp4.quantize_act(x, None), dynamic=False)
     # The GEMMs as the fp4 backend runs them: Inductor compiles the ops' decompositions (the Triton kernels up to
-    # 16 rows, dequantize + cuBLAS + fused epilogue above), with the weights as inputs.
+    # 128 rows, dequantize + cuBLAS + fused epilogue above), with the weights as inputs.
     a16_compiled = torch.compile(lambda x, *w: torch.ops.fp4.gemm_a16(x, *w, None), dynamic=False)
     w4a4_compiled = torch.compile(
         lambda x, *w: torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x, None), *w, None, torch.bfloat16), dynamic=False)

@@ -22,7 +22,7 @@ from .. import format as nvfp4
 
 log = logging.getLogger(__name__)
 
-DIRECT_MAX_ROWS = 16  # GEMMs with at most this many rows read the packed weight directly (ops._gemm_plan)
+DIRECT_MAX_ROWS = 128  # GEMMs with at most this many rows read the packed weight directly (ops._gemm_plan)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _SCALE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 

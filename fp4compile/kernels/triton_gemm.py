@@ -15,11 +15,11 @@ the bit moves run as inline PTX on 4 bytes at a time and e4m3 uses the native co
 interpreter use the portable Triton version.
 
 Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block scale applied once per 16
-products); ``_mma_kernel`` up to M = 16 (tensor cores, the weight dequantized in registers as the MMA's left
-operand, K split across programs); above that ``_dequant_kernel`` writes the exact ``e2m1 * S_b`` operands as
-bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel`` applies the global scales, bias
-and cast. Configurations come from short lists, timed on first use per key (tools/KERNEL_NOTES.md has the runs
-behind these choices).
+products); ``_mma_kernel`` up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers
+as the MMA's left operand, K split across programs); above that ``_dequant_kernel`` writes the exact
+``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel``
+applies the global scales, bias and cast. Configurations come from short lists, timed in CUDA graphs on first
+use per key (tools/KERNEL_NOTES.md has the runs behind these choices).
 """
 
 import os
@@ -36,11 +36,11 @@ _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 128)
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
-# GEMV configs as (BLOCK_N, BLOCK_K, num_warps).
-_GEMV_CONFIGS = [(8, 512, 4), (4, 1024, 4), (4, 512, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8)]
+# GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of the H100 sweep (KERNEL_NOTES.md, version 6).
+_GEMV_CONFIGS = [(16, 1024, 4), (16, 512, 4), (8, 512, 4), (16, 256, 4)]
 # Small tiles for the CPU interpreter, where the number of programs dominates the run time.
 _INTERPRET_GEMV = (16, 64, 4)
-_INTERPRET_MMA = (16, 16, 32, 2, 4, 1)
+_INTERPRET_MMA = (16, 16, 64, 2, 4, 1, False)
 
 AUTOTUNE = True  # time every config of a list on first use of a key; False: always take the first
 # Unpack nibbles with inline PTX on 4 bytes at a time (the portable bit-op version costs ~4x the instructions,
@@ -130,29 +130,37 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _operand(p, s, DTYPE: tl.constexpr, PTX: tl.constexpr):
-    """[R, G, 8] packed bytes and [R, G] e4m3 scale bits -> the [R, G*16] tensor-core operand in K order, holding
-    ``e2m1 * S_b * 2**-7`` (bf16) or ``* 2**-14`` (fp16, and fp32 in the interpreter)."""
-    R: tl.constexpr = p.shape[0]
-    G: tl.constexpr = p.shape[1]
+def _operand_pair(p, scale, DTYPE: tl.constexpr, PTX: tl.constexpr):
+    """Packed bytes and, per byte, its block scale (as ``_scale_operand`` gives it) -> (low-nibble,
+    high-nibble) products ``e2m1 * S_b`` as DTYPE, times ``2**-7`` (bf16) or ``2**-14`` (fp16, and fp32 in the
+    interpreter). Any shape; the two results have the shape of ``p``."""
     if PTX:
         if DTYPE == tl.bfloat16:
-            scale = (s.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _BF16_SCALE_SHIFT).to(tl.bfloat16)
-            lo, hi = tl.inline_asm_elementwise(_OPERAND_PTX_BF16, "=r,=r,=r,=r,r,r,r",
-                                               [p, tl.broadcast_to(scale[:, :, None], (R, G, 8))],
+            lo, hi = tl.inline_asm_elementwise(_OPERAND_PTX_BF16, "=r,=r,=r,=r,r,r,r", [p, scale],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            scale = s.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-            lo, hi = tl.inline_asm_elementwise(_OPERAND_PTX_F16, "=r,=r,=r,=r,r,r,r",
-                                               [p, tl.broadcast_to(scale[:, :, None], (R, G, 8))],
+            lo, hi = tl.inline_asm_elementwise(_OPERAND_PTX_F16, "=r,=r,=r,=r,r,r,r", [p, scale],
                                                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        shift: tl.constexpr = 2.0**-7 if DTYPE == tl.bfloat16 else 2.0**-14
-        scale = _e4m3_to_f16(s, False).to(tl.float32)[:, :, None] * shift
         code = p.to(tl.int32)
         lo = (_e2m1_value(code & 15) * scale).to(DTYPE)
         hi = (_e2m1_value(code >> 4) * scale).to(DTYPE)
-    return tl.reshape(tl.join(lo, hi), (R, G * 16))
+    return lo, hi
+
+
+@triton.jit
+def _scale_operand(s, DTYPE: tl.constexpr, PTX: tl.constexpr):
+    """e4m3 scale bits -> the factor ``_operand_pair`` multiplies by (bf16 ``S * 2**119`` for the PTX, whose
+    nibbles hold ``e2m1 * 2**-126``; fp16 ``S``; in the interpreter fp32 ``S`` times the output's shift)."""
+    if PTX:
+        if DTYPE == tl.bfloat16:
+            scale = (s.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _BF16_SCALE_SHIFT).to(DTYPE)
+        else:
+            scale = s.to(tl.float8e4nv, bitcast=True).to(DTYPE)
+    else:
+        shift: tl.constexpr = 2.0**-7 if DTYPE == tl.bfloat16 else 2.0**-14
+        scale = _e4m3_to_f16(s, False).to(tl.float32) * shift
+    return scale
 
 
 @triton.jit
@@ -164,22 +172,32 @@ def _mma_kernel(
     # strides (everything is contiguous along K; stride_os: between the split-K partial outputs)
     stride_am, stride_wn, stride_wsn, stride_om, stride_os,
     # meta-parameters
-    DOT_DTYPE: tl.constexpr, ALPHA_SHIFT: tl.constexpr, PTX: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ALPHA_SHIFT: tl.constexpr, PTX: tl.constexpr, A_DOT_ORDER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Small M on tensor cores, operands swapped: out^T tile [BLOCK_N, BLOCK_M] = W tile @ A tile^T.
+    """Few rows on tensor cores, operands swapped: out^T tile [BLOCK_N, BLOCK_M] = W tile @ A tile^T.
 
-    The weight is the MMA's left operand, dequantized in registers (``_operand``) into K order, so the MMA's
-    long side (64 rows on Hopper) is N and the activation's few rows fill its short side (BLOCK_M >= 16; rows
-    past M wrap modulo M and are not stored). A K step reads [BLOCK_N, BLOCK_K/2] packed bytes as
-    [BLOCK_N, G, 8] with G = BLOCK_K/16 blocks, their [BLOCK_N, G] block scales, and the bf16/fp16 activation
-    tile as [BLOCK_K, BLOCK_M] (K contiguous); K is masked per 16-block. An NVFP4 activation arrives
-    dequantized (exact e2m1 * S_b values, its global scale in ``a_pts_ptr``): dequantizing it here too, as the
-    MMA's right operand, crashes Triton 3.6 (tools/KERNEL_NOTES.md). Program (n, m, s) covers the s-th of
-    SPLIT_K slices of the K steps; with one slice it applies the global scales, bias and cast, with more it
-    stores its raw fp32 partial for ``_epilogue_kernel``.
+    The weight is the MMA's left operand, dequantized in registers, so the MMA's long side (64 rows on
+    Hopper) is N and the activation's rows fill its short side (BLOCK_M >= 16; rows past M wrap modulo M and
+    are not stored). K is split over programs: program (n, m, s) takes the s-th of SPLIT_K slices of the K
+    steps; with one slice it applies the global scales, bias and cast, with more it stores its raw fp32
+    partial for ``_epilogue_kernel``.
+
+    A sum over K may take K in any order, as long as both operands take the same one. The MMA's register
+    fragment gives lane t (of each 4) elements 2t, 2t+1, 2t+8, 2t+9 of every 16 in the dot's K order, so the
+    dot's order is chosen to make them the lane's own contiguous bytes of the packed weight: in each chunk of
+    64 elements (32 bytes), lane t owns bytes [8t, 8t + 8), one whole block of 16 elements with one scale.
+    Dot position ``J*16 + h*8 + t*2 + n`` (J < 4; h, n < 2) is weight element ``t*16 + J*4 + h*2 + n``, and
+    the activation tile is read in that order (pairs of elements, 4-byte copies). Each lane thus dequantizes
+    8 contiguous bytes with one scale, and the dequantized tile is already in the MMA's register layout. With
+    A_DOT_ORDER the activation arrives already in that order (``_dot_order``: rows padded to a multiple of 64)
+    and is read contiguously, which pays when many rows would otherwise be copied a pair at a time. The
+    block scales of step i+1 are loaded during step i (the compiler pipelines the weight and activation tiles
+    through shared memory, but not loads this small). An NVFP4 activation arrives dequantized (exact fp16
+    values, its global scale in ``a_pts_ptr``).
     """
-    G: tl.constexpr = BLOCK_K // 16
+    C: tl.constexpr = BLOCK_K // 64  # chunks per K step
+    G: tl.constexpr = BLOCK_K // 16  # scale blocks per K step
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -187,29 +205,44 @@ def _mma_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = offs_n % N
     rows_m = offs_m % M
-    offs_g = tl.arange(0, G)
-    offs_b = tl.arange(0, 8)
-    offs_k = tl.arange(0, BLOCK_K)
     num_groups = K // 16
     steps = tl.cdiv(num_groups, G)
     per_split = tl.cdiv(steps, SPLIT_K)
     first = pid_s * per_split
     last = tl.minimum(first + per_split, steps)
 
-    w_ptrs = w_ptr + rows_n[:, None, None] * stride_wn + (first * G + offs_g)[None, :, None] * 8 + offs_b[None, None, :]
-    ws_ptrs = w_scale_ptr + rows_n[:, None] * stride_wsn + (first * G + offs_g)[None, :]
+    # Weight bytes [BLOCK_N, C, 4, 8] (lane-owned runs of 8 bytes) and their scale blocks [BLOCK_N, C, 4, 1].
+    chunk, lane = tl.arange(0, C)[:, None, None], tl.arange(0, 4)[None, :, None]
+    byte = chunk * 32 + lane * 8 + tl.arange(0, 8)[None, None, :]
+    block = chunk * 4 + lane + tl.zeros((1, 1, 1), tl.int32)
+    w_ptrs = w_ptr + rows_n[:, None, None, None] * stride_wn + (first * (BLOCK_K // 2) + byte)[None]
+    ws_ptrs = w_scale_ptr + rows_n[:, None, None, None] * stride_wsn + (first * G + block)[None]
+    # Activation [BLOCK_K, BLOCK_M] in the dot's K order: position -> element, as in the docstring.
+    pos = tl.arange(0, BLOCK_K)
+    if A_DOT_ORDER:
+        offs_k = pos
+        k_end = tl.cdiv(K, 64) * 64
+    else:
+        inner = pos % 64
+        offs_k = (pos - inner) + (inner // 2 % 4) * 16 + inner // 16 * 4 + inner // 8 % 2 * 2 + inner % 2
+        offs_k = tl.max_contiguous(tl.multiple_of(offs_k, 2), 2)  # even-aligned pairs: 4-byte async copies
+        k_end = K
     a_ptrs = a_ptr + rows_m[None, :] * stride_am + (first * BLOCK_K + offs_k)[:, None]
 
+    s = tl.load(ws_ptrs, mask=(first * G + block < num_groups)[None], other=0)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(first, last):
-        g_mask = offs_g < num_groups - step * G
-        w = _operand(tl.load(w_ptrs, mask=g_mask[None, :, None], other=0),
-                     tl.load(ws_ptrs, mask=g_mask[None, :], other=0), DOT_DTYPE, PTX)
-        a = tl.load(a_ptrs, mask=(offs_k < K - step * BLOCK_K)[:, None], other=0.0).to(DOT_DTYPE)
+        scale = _scale_operand(s, DOT_DTYPE, PTX)
+        ws_ptrs += G
+        s = tl.load(ws_ptrs, mask=((step + 1) * G + block < num_groups)[None], other=0)
+        p = tl.load(w_ptrs, mask=(step * G + byte // 8 < num_groups)[None], other=0)
+        lo, hi = _operand_pair(p, tl.broadcast_to(scale, (BLOCK_N, C, 4, 8)), DOT_DTYPE, PTX)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, C, 4, 4, 2, 2))  # [row, c, t, J, h, nibble]
+        w = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2, 5)), (BLOCK_N, BLOCK_K))  # dot order: c, J, h, t, nibble
+        a = tl.load(a_ptrs, mask=(offs_k < k_end - step * BLOCK_K)[:, None], other=0.0).to(DOT_DTYPE)
         acc = tl.dot(w, a, acc)
         a_ptrs += BLOCK_K
-        w_ptrs += G * 8
-        ws_ptrs += G
+        w_ptrs += BLOCK_K // 2
 
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -226,6 +259,28 @@ def _mma_kernel(
 
 
 @triton.jit
+def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_ak, stride_wn, stride_wsn,
+                A_FP4: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The raw tiles of K step ``step`` of ``_gemv_kernel``: weight bytes [BLOCK_N, BLOCK_K/2] and scales
+    [BLOCK_N, G]; the activation as packed bytes [G, 8] and scales [G] (NVFP4) or values [G, 16]. Masked past
+    K (a step past the end loads nothing)."""
+    G: tl.constexpr = BLOCK_K // 16
+    offs_g = step * G + tl.arange(0, G)
+    offs_j = step * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    g_mask = offs_g < K // 16
+    p = tl.load(w_ptr + rows_n[:, None] * stride_wn + offs_j[None, :], mask=(offs_j < K // 2)[None, :], other=0)
+    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=g_mask[None, :], other=0)
+    if A_FP4:
+        a = tl.load(a_ptr + offs_g[:, None] * 8 + tl.arange(0, 8)[None, :], mask=g_mask[:, None], other=0)
+        a_s = tl.load(a_scale_ptr + offs_g, mask=g_mask, other=0)
+    else:
+        a = tl.load(a_ptr + (offs_g[:, None] * 16 + tl.arange(0, 16)[None, :]) * stride_ak, mask=g_mask[:, None],
+                    other=0.0)
+        a_s = s  # no activation scales; the kernel does not read this
+    return p, s, a, a_s
+
+
+@triton.jit
 def _gemv_kernel(
     # pointers
     a_ptr, a_scale_ptr, a_pts_ptr, w_ptr, w_scale_ptr, w_pts_ptr, bias_ptr, out_ptr,
@@ -238,49 +293,35 @@ def _gemv_kernel(
 ):
     """M == 1: BLOCK_N output elements per program, on the CUDA cores.
 
-    Weight bytes are loaded as [BLOCK_N, G, 8] (G = BLOCK_K/16 blocks of 8 bytes); a bf16/fp16 activation as
-    [G, 16], contiguous, and split into its even and odd elements [G, 8] in registers (two strided loads of
-    the even and odd columns cost 5-15% at decode sizes). Each block's 16 products are summed first and its scale applied once; the per-block
-    partial sums stay in a [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows
-    wrap modulo N (the store is masked); the K dim is masked per block.
+    A decode GEMV is bound by how many weight bytes are in flight: each K step loads the tiles of the next
+    step (``_gemv_loads``) before computing on its own, so a program always has a load outstanding. Weight
+    rows are read as [BLOCK_N, BLOCK_K/2] (8-byte vector loads) and viewed as [BLOCK_N, G, 8], G = BLOCK_K/16
+    blocks of 8 bytes; a bf16/fp16 activation is read as [G, 16] and split into its even and odd elements in
+    registers. Each block's 16 products are summed first and its scale applied once; the per-block partial
+    sums stay in a [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the
+    store is masked).
     """
     G: tl.constexpr = BLOCK_K // 16
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = offs_n % N
-    offs_g = tl.arange(0, G)
-    offs_b = tl.arange(0, 8)
-    num_groups = K // 16
-
-    w_ptrs = w_ptr + rows_n[:, None, None] * stride_wn + offs_g[None, :, None] * 8 + offs_b[None, None, :]
-    ws_ptrs = w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :]
-    if A_FP4:
-        a_ptrs = a_ptr + offs_g[:, None] * 8 + offs_b[None, :]
-        as_ptrs = a_scale_ptr + offs_g
-    else:
-        a_ptrs = a_ptr + (offs_g[:, None] * 16 + tl.arange(0, 16)[None, :]) * stride_ak
 
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    for step in range(0, tl.cdiv(num_groups, G)):
-        g_mask = offs_g < num_groups - step * G
+    p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K, stride_ak, stride_wn,
+                               stride_wsn, A_FP4, BLOCK_K)
+    for step in range(0, tl.cdiv(K, BLOCK_K)):
+        p_step, s_step, a_step, a_s_step = p, s, a, a_s
+        p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_ak,
+                                   stride_wn, stride_wsn, A_FP4, BLOCK_K)
         if A_FP4:
-            ap = tl.load(a_ptrs, mask=g_mask[:, None], other=0)
-            a_scale = _e4m3_to_f16(tl.load(as_ptrs, mask=g_mask, other=0), PTX)[:, None]
-            a_even, a_odd = _e2m1_pair_to_f16(ap, PTX)
+            a_scale = _e4m3_to_f16(a_s_step, PTX)[:, None]
+            a_even, a_odd = _e2m1_pair_to_f16(a_step, PTX)
             a_even = (a_even * a_scale).to(tl.float32)
             a_odd = (a_odd * a_scale).to(tl.float32)
-            a_ptrs += G * 8
-            as_ptrs += G
         else:
-            a = tl.load(a_ptrs, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            a_even, a_odd = tl.split(tl.reshape(a, (G, 8, 2)))
-            a_ptrs += BLOCK_K * stride_ak
-        p = tl.load(w_ptrs, mask=g_mask[None, :, None], other=0)
-        s = tl.load(ws_ptrs, mask=g_mask[None, :], other=0)
-        w_even, w_odd = _e2m1_pair_to_f16(p, PTX)
+            a_even, a_odd = tl.split(tl.reshape(a_step.to(tl.float32), (G, 8, 2)))
+        w_even, w_odd = _e2m1_pair_to_f16(tl.reshape(p_step, (BLOCK_N, G, 8)), PTX)
         block_sums = tl.sum(w_even.to(tl.float32) * a_even[None] + w_odd.to(tl.float32) * a_odd[None], axis=2)
-        acc += block_sums * _e4m3_to_f16(s, PTX).to(tl.float32)
-        w_ptrs += G * 8
-        ws_ptrs += G
+        acc += block_sums * _e4m3_to_f16(s_step, PTX).to(tl.float32)
 
     alpha = tl.load(w_pts_ptr) * 16384.0
     if A_FP4:
@@ -352,15 +393,41 @@ def _ptx(device: torch.device) -> bool:
     return USE_PTX and not knobs.runtime.interpret and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def _graph_us(fn) -> float:
+    """Median time of ``fn`` as a model runs it: inside a CUDA graph (no launch gaps), each call after a write
+    of twice the L2 size so that the weight comes from memory. The write's time is in every result alike, so
+    the order of the configs is that of ``fn`` alone."""
+    device = torch.cuda.current_device()
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, dtype=torch.int32,
+                        device=device)
+    fn()  # compile, and allocate outside the graph what can be
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flush.zero_()
+        fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def _choose(key: tuple, configs: list, launch) -> tuple:
-    """The fastest of ``configs`` for ``key`` (timed once, then cached); the first when not tuning."""
+    """The fastest of ``configs`` for ``key``, timed once by ``_graph_us`` and cached; the first when not tuning
+    or while a CUDA graph is being captured (timing needs its own graphs and synchronizations)."""
     if not AUTOTUNE or len(configs) == 1:
         return configs[0]
     if key not in _best:
+        if torch.cuda.is_current_stream_capturing():
+            return configs[0]
         times = []
         for config in configs:
             try:
-                times.append(triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median"))
+                times.append(_graph_us(lambda: launch(config)))
             except triton.runtime.errors.OutOfResources:
                 times.append(float("inf"))
         _best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
@@ -394,7 +461,8 @@ def launch_gemv(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config
 def launch_mma(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=None):
     """Run ``_mma_kernel`` into ``out`` [M, N] (plus ``_epilogue_kernel`` when K is split). ``a_scales`` None
     means ``a`` is bf16/fp16 [M, K]; else ``a`` is packed NVFP4 [M, K/2], dequantized first (fp16, exact) and its
-    global scale ``a_pts`` joins alpha. ``config`` is (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, stages)."""
+    global scale ``a_pts`` joins alpha. ``config`` is (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, stages,
+    A_DOT_ORDER)."""
     m, n, k = a.shape[0], w_packed.shape[0], w_packed.shape[1] * 2
     if a_scales is not None:
         a = dequantize(a, a_scales, torch.float16)
@@ -406,15 +474,16 @@ def launch_mma(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=
     alpha_shift = 2.0**7 if dot_dtype == tl.bfloat16 else 2.0**14
 
     def run(cfg):
-        block_n, block_m, block_k, split, warps, stages = cfg
+        block_n, block_m, block_k, split, warps, stages, dot_order = cfg
+        a_in = _dot_order(a) if dot_order else a
         split = min(split, triton.cdiv(k, block_k))
         partials = out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
         _mma_kernel[grid](
-            a, a_pts, w_packed, w_scales, w_pts, bias, partials,
+            a_in, a_pts, w_packed, w_scales, w_pts, bias, partials,
             m, n, k,
-            a.stride(0), w_packed.stride(0), w_scales.stride(0), partials.stride(-2), m * n,
-            DOT_DTYPE=dot_dtype, ALPHA_SHIFT=alpha_shift, PTX=_ptx(a.device),
+            a_in.stride(0), w_packed.stride(0), w_scales.stride(0), partials.stride(-2), m * n,
+            DOT_DTYPE=dot_dtype, ALPHA_SHIFT=alpha_shift, PTX=_ptx(a.device), A_DOT_ORDER=dot_order,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
         )
         if split > 1:
@@ -434,12 +503,21 @@ def launch_mma(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=
 
 
 def _mma_configs(m: int) -> list:
-    """Configs for ``_mma_kernel``, as (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, num_stages). BLOCK_M
-    covers M (16 at least). In the H200 sweeps (KERNEL_NOTES.md) BLOCK_N = 64 with BLOCK_K = 64 or 128 won every
-    decode shape, with K split 4 or 8 ways so that a few hundred programs share the weight read."""
+    """Configs for ``_mma_kernel``, as (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, num_stages, A_DOT_ORDER);
+    BLOCK_M covers M (16 at least). In the H100 sweeps (KERNEL_NOTES.md, version 6) BLOCK_N 64 with BLOCK_K 64
+    won at nearly every M from 16 to 128 on every shape; the best K split went from 4-8 (few rows, long K) to
+    1-2, and reordering the activation first won at M = 128 (by up to 1.3x) and on some shapes at 32-64."""
     block_m = max(16, triton.next_power_of_2(m))
-    return [(64, block_m, 64, 4, 4, 3), (64, block_m, 64, 8, 4, 4), (64, block_m, 128, 8, 4, 3),
-            (64, block_m, 128, 4, 4, 3), (128, block_m, 64, 8, 8, 4)]
+    orders = (False,) if m <= 16 else (True, False)
+    return [(64, block_m, 64, split, 4, 3, order) for order in orders for split in (4, 8, 1, 2)]
+
+
+def _dot_order(a: torch.Tensor) -> torch.Tensor:
+    """[M, K] -> [M, K rounded up to 64] in ``_mma_kernel``'s K order (zero padded): in each chunk of 64,
+    element ``t*16 + J*4 + h*2 + n`` moves to position ``J*16 + h*8 + t*2 + n``."""
+    m, k = a.shape
+    padded = torch.nn.functional.pad(a, (0, -k % 64))
+    return padded.view(m, -1, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, -1)
 
 
 def dequantize(packed, scales, dtype):

@@ -1,0 +1,104 @@
+"""Sweep the decode kernels' configurations on one CUDA GPU (CUDA-graph replay, weights rotated past L2).
+
+    PYTHONPATH=. python3 tools/tune_kernels.py [--shapes 4096x4096,...] [--ms 1,16,32,64,128] [--out tune.json]
+
+For each weight shape (N, K) and batch M it times cuBLAS bf16 ``F.linear``, the dequantize + cuBLAS path
+(``triton_gemm.launch_cublas``, what more than ``DIRECT_MAX_ROWS`` rows run) and every candidate configuration
+of the kernel for that M (``_gemv_kernel`` for M = 1, ``_mma_kernel`` above), all nvfp4a16 with bf16
+activations. It prints the fastest configurations per point and, last, a table of the best of each path, which
+is what ``DIRECT_MAX_ROWS`` and the default lists (``_GEMV_CONFIGS``, ``_mma_configs``) are chosen from
+(tools/KERNEL_NOTES.md records the runs).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gemm import SHAPES, geomean, graph_us  # noqa: E402
+
+from fp4compile import format as nvfp4  # noqa: E402
+from fp4compile.kernels import triton_gemm  # noqa: E402
+
+# (BLOCK_N, BLOCK_K, num_warps)
+GEMV_CANDIDATES = [(bn, bk, warps) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)
+                   if bn * bk <= 16384]
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, A_DOT_ORDER); BLOCK_M is M rounded up to a power of two, 16
+# at least
+MMA_CANDIDATES = [(bn, 64, split, 4 if bn == 64 else 8, stages, order)
+                  for bn, stages in ((64, 3), (64, 4), (64, 6), (128, 3)) for split in (1, 2, 4, 8)
+                  for order in (False, True)]
+L2_MISS_BYTES = 150 * 2**20  # weight copies per graph: enough bytes that every replay reads from memory
+
+
+def sweep(configs, launch) -> list[tuple[float, tuple]]:
+    times = []
+    for config in configs:
+        try:
+            times.append((graph_us(launch(config)), config))
+        except Exception as e:  # a config that does not compile or fit is skipped, with the reason
+            print(f"  skipped {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return sorted(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = os.path.join(os.environ["OUT"], "tune.json") if "OUT" in os.environ else None
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
+    parser.add_argument("--ms", default="1,16,32,64,128", help="batch sizes M")
+    parser.add_argument("--out", default=default_out, help="JSON results path")
+    args = parser.parse_args()
+    rows = []
+    for n, k in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q = nvfp4.quantize(w)
+        packed = (q.packed, q.scales.view(torch.uint8), q.global_scale)
+        fp4_copies = [tuple(t.clone() for t in packed) for _ in range(math.ceil(L2_MISS_BYTES / (n * k * 9 / 16)))]
+        bf16_copies = [w.clone() for _ in range(math.ceil(L2_MISS_BYTES / (2 * n * k)))]
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ nvfp4.dequantize_parts(*packed).t()
+            row = {"N": n, "K": k, "M": m, "bf16_us": graph_us([lambda w=w: F.linear(x, w) for w in bf16_copies])}
+            row["cublas_path_us"] = graph_us([lambda w=w: triton_gemm.launch_cublas(x, None, None, *w, None, out)
+                                              for w in fp4_copies])
+            if m == 1:
+                configs, launch = GEMV_CANDIDATES, triton_gemm.launch_gemv
+            else:
+                block_m = max(16, triton_gemm.triton.next_power_of_2(m))
+                configs = [(bn, block_m, bk, split, warps, stages, order)
+                           for bn, bk, split, warps, stages, order in MMA_CANDIDATES]
+                launch = triton_gemm.launch_mma
+            times = sweep(configs, lambda c: [lambda w=w: launch(x, None, None, *w, None, out, config=c)
+                                              for w in fp4_copies])
+            launch(x, None, None, *packed, None, out, config=times[0][1])
+            row["err"] = ((out.float() - ref).norm() / ref.norm()).item()
+            row["kernel_us"], row["config"] = times[0]
+            row["top"] = [(round(t, 2), c) for t, c in times[:5]]
+            rows.append(row)
+            print(f"N={n} K={k} M={m}: bf16 {row['bf16_us']:.1f} us, dequantize+cuBLAS {row['cublas_path_us']:.1f}"
+                  f" | " + ", ".join(f"{t:.1f} us {c}" for t, c in times[:4]), flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    print(f"\n{torch.cuda.get_device_name()} (us, CUDA-graph replay; x = bf16 / path)")
+    print(f"{'N':>6} {'K':>6} {'M':>4} | {'bf16':>6} {'deq+cuBLAS':>10} {'x':>5} | {'kernel':>6} {'x':>5}  config")
+    for r in rows:
+        print(f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | {r['bf16_us']:6.1f} {r['cublas_path_us']:10.1f} "
+              f"{r['bf16_us'] / r['cublas_path_us']:5.2f} | {r['kernel_us']:6.1f} {r['bf16_us'] / r['kernel_us']:5.2f}"
+              f"  {r['config']}  err {r['err']:.1e}")
+    for m in sorted({r["M"] for r in rows}):
+        sel = [r for r in rows if r["M"] == m]
+        print(f"  M={m:>4}: kernel {geomean([r['bf16_us'] / r['kernel_us'] for r in sel]):.2f}x, dequantize+cuBLAS "
+              f"{geomean([r['bf16_us'] / r['cublas_path_us'] for r in sel]):.2f}x of bf16 (geo-mean)")
+
+
+if __name__ == "__main__":
+    main()
