@@ -2,7 +2,9 @@
 
 Sequential by default: the model's repeated blocks (an ``nn.ModuleList`` of one block class, e.g.
 ``model.model.layers``) are calibrated one after another, each on the outputs of the already-quantized blocks
-before it. A model without such blocks is calibrated all at once.
+before it; with ``true_sequential``, a block's linears are also quantized group by group (q/k/v, o, gate/up, down),
+each group on the outputs of the already-quantized groups before it. A model without such blocks is calibrated all
+at once.
 """
 
 import contextlib
@@ -25,6 +27,9 @@ DEFAULT_SKIP = ("lm_head",)
 # for nvfp4a16; for nvfp4, 0.25 and 0.1 helped the text near the calibration data a lot but made the distant one a
 # little worse. 1.0 (the full least-squares correction) was far worse (nvfp4a16).
 ASYMMETRIC_DEFAULT = {"nvfp4a16": 0.25, "nvfp4": 0.0}
+# calibrate()'s ``true_sequential`` per scheme (tools/QUALITY.md): better on both evaluation texts for nvfp4a16; for
+# nvfp4 better on the text near the calibration data and a hair worse on the distant one.
+TRUE_SEQUENTIAL_DEFAULT = {"nvfp4a16": True, "nvfp4": False}
 
 
 @dataclass
@@ -124,20 +129,25 @@ def find_blocks(model: nn.Module, linears: dict[str, nn.Linear]) -> tuple[str, n
     return best
 
 
+class _Stop(Exception):
+    pass
+
+
 class _Collector:
     """Forward pre-hooks that accumulate each linear's input Hessian (and amax) while registered.
 
     Linears that receive the same input tensor in one forward (q/k/v, gate/up) share one Hessian. With
     ``fake_quant``, inputs are first fake-quantized as the ``nvfp4`` runtime quantizes them (dynamic global scale).
-    With ``asymmetric``, the Hessians also keep the cross term with ``refs``: while ``recording`` is set, the hooks
-    only store each linear's input there (run the unquantized block on the unquantized model's input of the same
-    sample first).
+    With ``asymmetric``, the Hessians also keep the cross term with ``refs``, each linear's input in the unquantized
+    model for the sample being run (set it before each sample, see :func:`_reference_inputs`). With ``stop_after``,
+    that linear's hook raises ``_Stop`` once it has collected: the rest of the forward is not needed.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], fake_quant: bool, asymmetric: bool = False):
+    def __init__(self, linears: dict[str, nn.Linear], fake_quant: bool, asymmetric: bool = False,
+                 stop_after: str | None = None):
         self.fake_quant = fake_quant
         self.asymmetric = asymmetric
-        self.recording = False
+        self.stop_after = stop_after
         self.refs: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, G.Hessian] = {}
         self.amax: dict[str, torch.Tensor] = {}
@@ -148,19 +158,18 @@ class _Collector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            if self.recording:
-                self.refs[name] = x
-                return
             if self._last is not None and self._last[0] is x and self._last[1] != name:
                 self._shared[name] = self._last[1]
-                return
-            self._last = (x, name)
-            h = self.hessians.get(name)
-            if h is None:
-                h = self.hessians[name] = G.Hessian(x.shape[-1], x.device, self.asymmetric)
-            amax = x.detach().abs().amax().float()
-            self.amax[name] = torch.maximum(self.amax[name], amax) if name in self.amax else amax
-            h.add(nvfp4.fake_quantize(x) if self.fake_quant else x, self.refs.get(name))
+            else:
+                self._last = (x, name)
+                h = self.hessians.get(name)
+                if h is None:
+                    h = self.hessians[name] = G.Hessian(x.shape[-1], x.device, self.asymmetric)
+                amax = x.detach().abs().amax().float()
+                self.amax[name] = torch.maximum(self.amax[name], amax) if name in self.amax else amax
+                h.add(nvfp4.fake_quantize(x) if self.fake_quant else x, self.refs.get(name))
+            if name == self.stop_after:
+                raise _Stop
         return hook
 
     def hessian(self, name: str) -> G.Hessian | None:
@@ -194,10 +203,6 @@ def _run(model: nn.Module, item, device) -> None:
         model(*item)
     else:
         model(item)
-
-
-class _Stop(Exception):
-    pass
 
 
 def _capture_inputs(model: nn.Module, block: nn.Module, data: Iterable, device) -> list[tuple[tuple, dict]]:
@@ -234,6 +239,62 @@ def _next_inputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tup
     return out
 
 
+def _groups(block: nn.Module, linears: dict[str, nn.Linear], sample: tuple[tuple, dict]
+            ) -> list[tuple[dict[str, nn.Linear], str | None]]:
+    """``linears`` (those of ``block``) in groups that read the same input tensor, in the order one forward of
+    ``block`` on ``sample`` calls them (in a Llama block: q/k/v, o, gate/up, down), each with the last of its
+    linears called, where a forward that collects the group's Hessians can stop. Linears the forward does not call
+    come last, in one group with no stop.
+    """
+    group_inputs: list[torch.Tensor] = []
+    groups: list[dict[str, nn.Linear]] = []
+
+    def hook(name: str):
+        def record(module, args):
+            if any(name in g for g in groups):
+                return  # called again: it stays in the group of its first call
+            same = [g for x, g in zip(group_inputs, groups) if x is args[0]]
+            if not same:
+                group_inputs.append(args[0])
+                groups.append({})
+            (same or groups)[-1][name] = linears[name]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        args, kwargs = sample
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    found = [(g, list(g)[-1]) for g in groups]
+    rest = {n: m for n, m in linears.items() if not any(n in g for g in groups)}
+    return found + [(rest, None)] if rest else found
+
+
+def _reference_inputs(block: nn.Module, linears: dict[str, nn.Linear], fp_inputs: list[tuple[tuple, dict]]
+                      ) -> tuple[list[dict[str, torch.Tensor]], list[tuple[tuple, dict]]]:
+    """Run the unquantized ``block`` on the unquantized model's inputs ``fp_inputs``: per sample, the input of each
+    of ``linears`` (the ``refs`` of the asymmetric target), and the block's outputs (the next block's inputs)."""
+    refs: list[dict[str, torch.Tensor]] = []
+
+    def hook(name: str):
+        def record(module, args):
+            refs[-1][name] = args[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    outputs = []
+    try:
+        for sample in fp_inputs:
+            refs.append({})
+            outputs += _next_inputs(block, [sample])
+    finally:
+        for h in handles:
+            h.remove()
+    return refs, outputs
+
+
 @contextlib.contextmanager
 def _no_cache(model: nn.Module):
     """Turn off a transformers model's KV cache: blocks are re-run on the same inputs, which must not append."""
@@ -258,6 +319,7 @@ class _Settings:
     scale_timing: G.ScaleTiming
     static_activation_scale: bool
     asymmetric: float
+    true_sequential: bool
 
 
 def _quantize_layers(model: nn.Module, linears: dict[str, nn.Linear], collector: _Collector, s: _Settings,
@@ -294,7 +356,9 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
     """Block by block: each block's Hessians come from the outputs of the already-quantized blocks before it.
 
     Linears outside the blocks that run before the first block are calibrated first; returns those that remain.
-    With ``s.asymmetric``, each block also runs unquantized on the unquantized model's inputs, for the cross terms.
+    With ``s.true_sequential``, a block's linears are quantized group by group (``_groups``), each group's Hessians
+    collected with the groups before it in the block already quantized. With ``s.asymmetric``, each block first runs
+    unquantized on the unquantized model's inputs, for the cross terms.
     """
     outside = {n: m for n, m in linears.items() if n not in _inside(blocks, linears)}
     collector = _Collector(outside, fake_quant)
@@ -310,20 +374,21 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
     report.samples = len(inputs)
     for i, block in enumerate(blocks):
         mine = _inside(block, linears)
-        collector = _Collector(mine, fake_quant, asymmetric=fp_inputs is not None)
-        fp_next = []
-        try:
-            for j, (args, kwargs) in enumerate(inputs):
-                if fp_inputs is not None:
-                    collector.recording = True
-                    fp_next += _next_inputs(block, fp_inputs[j:j + 1])
-                    collector.recording = False
-                block(*args, **kwargs)
-        finally:
-            collector.close()
-        _quantize_layers(model, mine, collector, s, report, bar)
+        groups = _groups(block, mine, inputs[0]) if s.true_sequential else [(mine, None)]
+        refs = [{} for _ in inputs]
+        if fp_inputs is not None:
+            refs, fp_inputs = _reference_inputs(block, mine, fp_inputs)
+        for group, stop_after in groups:
+            collector = _Collector(group, fake_quant, asymmetric=fp_inputs is not None, stop_after=stop_after)
+            try:
+                for (args, kwargs), sample_refs in zip(inputs, refs):
+                    collector.refs = sample_refs
+                    with contextlib.suppress(_Stop):
+                        block(*args, **kwargs)
+            finally:
+                collector.close()
+            _quantize_layers(model, group, collector, s, report, bar)
         inputs = _next_inputs(block, inputs) if i + 1 < len(blocks) else []
-        fp_inputs = fp_next if fp_inputs is not None else None
     return {n: m for n, m in outside.items() if n not in before}
 
 
@@ -346,6 +411,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
               blocksize: int = 128, act_order: bool = True, scale_search: G.ScaleSearch = "mse",
               scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
               static_activation_scale: bool = False, asymmetric: float | None = None,
+              true_sequential: bool | None = None,
               skip: Iterable[str] = DEFAULT_SKIP, progress: bool = True) -> CalibrationReport:
     """Quantize ``model``'s eligible linears with GPTQ on ``data`` and replace them, in place, by ``NVFP4Linear``.
 
@@ -362,7 +428,13 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     asymmetric: alpha of ``gptq.asymmetric_target`` (QEP / GPTAQ); above 0, each layer aims at the unquantized
         model's output rather than at its own weight on the quantized inputs, which also undoes part of the error
         of the layers before it. Block-by-block calibration only; each block then runs once more per sample.
-        None: ``ASYMMETRIC_DEFAULT[scheme]``.
+        None: ``ASYMMETRIC_DEFAULT[scheme]``. Keeps every sample's unquantized inputs of each block's linears in
+        memory while the block is calibrated.
+    true_sequential: within each block, quantize the linears group by group (linears reading the same input form a
+        group, in the order a forward calls them: q/k/v, o, gate/up, down), each group's Hessians collected with the
+        earlier groups of the block already quantized, so later layers correct their error ("true sequential" of
+        the reference GPTQ code). Block-by-block calibration only; each block then runs once more per group
+        (up to the group's input) per sample. None: ``TRUE_SEQUENTIAL_DEFAULT[scheme]`` (on for "nvfp4a16").
     skip: fnmatch patterns of module names (full or last component) left in high precision.
     Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
     """
@@ -373,7 +445,8 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     t0 = time.perf_counter()
     s = _Settings(scheme, G.nvfp4_format(scale_search), percdamp, blocksize, act_order,
                   scale_timing, static_activation_scale,
-                  ASYMMETRIC_DEFAULT[scheme] if asymmetric is None else asymmetric)
+                  ASYMMETRIC_DEFAULT[scheme] if asymmetric is None else asymmetric,
+                  TRUE_SEQUENTIAL_DEFAULT[scheme] if true_sequential is None else true_sequential)
     fake_quant = fake_quant_inputs and scheme == "nvfp4"
     linears, skipped = eligible_linears(model, skip)
     found = find_blocks(model, linears) if sequential else None

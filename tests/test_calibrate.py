@@ -1,6 +1,8 @@
-"""calibrate(): which layers it takes, sequential block-by-block Hessians, the report, static scales, memory."""
+"""calibrate(): which layers it takes, sequential block-by-block (and group-by-group) Hessians, the report, static
+scales, memory."""
 
 import copy
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ from fp4compile import format as nvfp4
 from fp4compile import gptq as G
 from fp4compile.calibrate import CalibrationReport, calibrate, eligible_linears, find_blocks
 from fp4compile.modules import NVFP4Linear
+
+C = importlib.import_module("fp4compile.calibrate")  # the module: the package's ``calibrate`` is the function
 
 
 class Block(nn.Module):
@@ -156,7 +160,8 @@ def test_nvfp4_hessian_uses_fake_quantized_activations(monkeypatch):
     torch.testing.assert_close(got["h"], 2 * q.T @ q / 64, rtol=1e-4, atol=1e-5)
 
 
-def test_asymmetric_cross_terms_come_from_the_unquantized_model(monkeypatch):
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_asymmetric_cross_terms_come_from_the_unquantized_model(monkeypatch, true_sequential):
     model, data = tiny_lm(), token_batches(4)
     fp = copy.deepcopy(model)
     seen = {}
@@ -166,23 +171,29 @@ def test_asymmetric_cross_terms_come_from_the_unquantized_model(monkeypatch):
         seen[weight.data_ptr()] = hessian.clone(), cross.clone()
         return real_target(weight, hessian, cross, alpha, percdamp)
 
-    q = model.layers[2].q
+    # layers.2.q: its input depends on blocks 0 and 1 only. layers.2.down: in true sequential, its X comes from the
+    # block with q/k/v, o and up already quantized, as in the calibrated model
+    names = ["q", "down"] if true_sequential else ["q"]
+    linears = {n: model.layers[2].get_submodule(n) for n in names}
     monkeypatch.setattr(G, "asymmetric_target", spy)
-    calibrate(model, data, scheme="nvfp4a16", asymmetric=0.5, progress=False)
-    # inputs of layers.2.q in the calibrated model (blocks 0 and 1 quantized) and in the unquantized one
+    calibrate(model, data, scheme="nvfp4a16", asymmetric=0.5, true_sequential=true_sequential, progress=False)
+    # inputs of those layers in the calibrated model and in the unquantized one
     got = {}
-    hooks = [m.layers[2].q.register_forward_pre_hook(lambda mod, a, key=key: got.setdefault(key, []).append(a[0]))
-             for key, m in (("x", model), ("ref", fp))]
+    hooks = [m.layers[2].get_submodule(n).register_forward_pre_hook(
+                 lambda mod, a, key=(key, n): got.setdefault(key, []).append(a[0]))
+             for key, m in (("x", model), ("ref", fp)) for n in names]
     with torch.no_grad():
         for ids in data:
             model(ids), fp(ids)
     for h in hooks:
         h.remove()
-    x, ref = (torch.cat(got[k]).reshape(-1, 64) for k in ("x", "ref"))
-    assert (x - ref).abs().max() > 1e-3
-    hessian, cross = seen[q.weight.data_ptr()]
-    torch.testing.assert_close(hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cross, 2 * (ref - x).T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    for n, lin in linears.items():
+        k = lin.in_features
+        x, ref = (torch.cat(got[key, n]).reshape(-1, k) for key in ("x", "ref"))
+        assert (x - ref).abs().max() > 1e-3
+        hessian, cross = seen[lin.weight.data_ptr()]
+        torch.testing.assert_close(hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cross, 2 * (ref - x).T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4"])
@@ -198,19 +209,85 @@ def test_asymmetric_calibration_tracks_the_unquantized_model_better(scheme):
     assert err[0.25] < 0.95 * err[0.0], err
 
 
-def test_asymmetric_default_per_scheme(monkeypatch):
-    alphas = []
-    real_target = G.asymmetric_target
+def test_asymmetric_and_true_sequential_defaults_per_scheme(monkeypatch):
+    alphas, grouped = [], []
+    real_target, real_groups = G.asymmetric_target, C._groups
 
     def spy(weight, hessian, cross, alpha, percdamp):
         alphas.append(alpha)
         return real_target(weight, hessian, cross, alpha, percdamp)
 
+    def groups_spy(block, linears, sample):
+        grouped.append(block)
+        return real_groups(block, linears, sample)
+
     monkeypatch.setattr(G, "asymmetric_target", spy)
+    monkeypatch.setattr(C, "_groups", groups_spy)
     calibrate(tiny_lm(), token_batches(2), scheme="nvfp4", progress=False)
-    assert alphas == []
-    calibrate(tiny_lm(), token_batches(2), scheme="nvfp4a16", progress=False)
+    assert alphas == [] and grouped == []
+    model = tiny_lm()
+    calibrate(model, token_batches(2), scheme="nvfp4a16", progress=False)
     assert alphas == [0.25] * 18  # the 6 linears of each of the 3 blocks; "proj" runs before them
+    assert grouped == list(model.layers)
+
+
+def test_groups_share_an_input_in_call_order():
+    torch.manual_seed(0)
+    block = Block(64)
+    block.unused = nn.Linear(64, 64)
+    linears = {n: m for n, m in reversed(list(block.named_modules())) if isinstance(m, nn.Linear)}  # not call order
+    groups = C._groups(block, linears, ((torch.randn(2, 8, 64),), {}))
+    assert [(list(g), stop) for g, stop in groups] == [
+        (["q", "k", "v"], "v"), (["o"], "o"), (["up"], "up"), (["down"], "down"), (["unused"], None)]
+    assert all(g[n] is block.get_submodule(n) for g, _ in groups for n in g)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_true_sequential_hessians_see_the_quantized_groups_before(monkeypatch, true_sequential):
+    model, data = tiny_lm(), token_batches(4)
+    seen = {}
+    real_gptq = G.gptq
+
+    def spy(weight, hessian, fmt, **kw):
+        seen[weight.data_ptr()] = hessian.clone()
+        return real_gptq(weight, hessian, fmt, **kw)
+
+    block = model.layers[1]
+    linears = {n: block.get_submodule(n) for n in ("q", "o", "up", "down")}
+    monkeypatch.setattr(G, "gptq", spy)
+    report = calibrate(model, data, scheme="nvfp4a16", asymmetric=0.0, true_sequential=true_sequential,
+                       progress=False)
+    assert [r.name for r in report.layers][1:7] == [f"layers.0.{n}" for n in ("q", "k", "v", "o", "up", "down")]
+    # each layer's inputs as the calibrated model computes them: with the whole of block 1 quantized
+    hs = {n: G.Hessian(lin.in_features) for n, lin in linears.items()}
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, h=h: h.add(a[0])) for n, h in hs.items()]
+    with torch.no_grad():
+        for ids in data:
+            model(ids)
+    for h in handles:
+        h.remove()
+    for n, lin in linears.items():
+        same = torch.allclose(seen[lin.weight.data_ptr()], hs[n].h, rtol=1e-4, atol=1e-5)
+        # q is in the first group either way; the later groups only see quantized earlier groups in true sequential
+        assert same == (true_sequential or n == "q"), n
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "nvfp4"])
+def test_true_sequential_does_not_track_the_unquantized_model_worse(scheme):
+    data = token_batches(8)
+    test = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(9))
+    ref = tiny_lm()(test)
+    err, outputs = {}, {}
+    for true_sequential in (False, True):
+        model = tiny_lm()
+        calibrate(model, data, scheme=scheme, true_sequential=true_sequential, progress=False)
+        err[true_sequential], outputs[true_sequential] = rel_err(model(test), ref), model(test)
+    assert err[True] <= err[False], err
+    assert not torch.equal(outputs[True], outputs[False])
+    # and it compiles to the same numbers it computes eagerly
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="fp4")(test), outputs[True], rtol=1e-4, atol=1e-5)
 
 
 def test_toy_linear_stack_gptq_output_mse_at_most_035_of_rtn():
