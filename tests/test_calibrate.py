@@ -122,8 +122,9 @@ def test_sequential_calibration_of_a_tiny_lm(scheme):
     assert rel_err(out, ref) < rel_err(rtn(test), ref) and rel_err(out, ref) < 0.02
 
 
-def test_sequential_hessians_see_the_quantized_blocks_before(monkeypatch):
-    model, data = tiny_lm(), token_batches(4)
+@pytest.fixture
+def gptq_hessians(monkeypatch):
+    """The Hessian each GPTQ call of the test receives, by the data pointer of the weight it quantizes."""
     seen = {}
     real_gptq = G.gptq
 
@@ -131,8 +132,14 @@ def test_sequential_hessians_see_the_quantized_blocks_before(monkeypatch):
         seen[weight.data_ptr()] = hessian.clone()
         return real_gptq(weight, hessian, fmt, **kw)
 
-    q = model.layers[2].q  # the first linear of block 2: its input depends on blocks 0 and 1 only
     monkeypatch.setattr(G, "gptq", spy)
+    return seen
+
+
+def test_sequential_hessians_see_the_quantized_blocks_before(gptq_hessians):
+    model, data = tiny_lm(), token_batches(4)
+    seen = gptq_hessians
+    q = model.layers[2].q  # the first linear of block 2: its input depends on blocks 0 and 1 only
     calibrate(model, data, scheme="nvfp4a16", asymmetric=0.0, progress=False)  # GPTQ gets the weight itself
     # inputs of layers.2.q as the calibrated model computes them, blocks 0 and 1 quantized
     h = G.Hessian(64)
@@ -243,18 +250,11 @@ def test_groups_share_an_input_in_call_order():
 
 
 @pytest.mark.parametrize("true_sequential", [False, True])
-def test_true_sequential_hessians_see_the_quantized_groups_before(monkeypatch, true_sequential):
+def test_true_sequential_hessians_see_the_quantized_groups_before(gptq_hessians, true_sequential):
     model, data = tiny_lm(), token_batches(4)
-    seen = {}
-    real_gptq = G.gptq
-
-    def spy(weight, hessian, fmt, **kw):
-        seen[weight.data_ptr()] = hessian.clone()
-        return real_gptq(weight, hessian, fmt, **kw)
-
+    seen = gptq_hessians
     block = model.layers[1]
     linears = {n: block.get_submodule(n) for n in ("q", "o", "up", "down")}
-    monkeypatch.setattr(G, "gptq", spy)
     report = calibrate(model, data, scheme="nvfp4a16", asymmetric=0.0, true_sequential=true_sequential,
                        progress=False)
     assert [r.name for r in report.layers][1:7] == [f"layers.0.{n}" for n in ("q", "k", "v", "o", "up", "down")]
