@@ -59,6 +59,7 @@ GPTQ_VARIANTS = {
     "gptq-asym1": {"asymmetric": 1.0},
     "gptq-trueseq": {"true_sequential": True},
     "gptq-trueseq0": {"true_sequential": False},  # the nvfp4a16 defaults before true sequential (run F)
+    "gptq-asym0.25-trueseq": {"asymmetric": 0.25, "true_sequential": True},  # both (for nvfp4: run M)
 }
 
 
