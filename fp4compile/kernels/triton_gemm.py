@@ -189,7 +189,8 @@ def _mma_kernel(
     64 elements (32 bytes), lane t owns bytes [8t, 8t + 8), one whole block of 16 elements with one scale.
     Dot position ``J*16 + h*8 + t*2 + n`` (J < 4; h, n < 2) is weight element ``t*16 + J*4 + h*2 + n``, and
     the activation tile is read in that order (pairs of elements, 4-byte copies). Each lane thus dequantizes
-    8 contiguous bytes with one scale, and the dequantized tile is already in the MMA's register layout. With
+    8 contiguous bytes with one scale, and the dequantized tile needs no trip through shared memory on its way
+    to the MMA (Triton 3.6 still moves the halves of some registers between lanes: tools/KERNEL_NOTES.md). With
     A_DOT_ORDER the activation arrives already in that order (``_dot_order``: rows padded to a multiple of 64)
     and is read contiguously, which pays when many rows would otherwise be copied a pair at a time. The
     block scales of step i+1 are loaded during step i (the compiler pipelines the weight and activation tiles
