@@ -128,6 +128,14 @@ class Hessian:
             self.cross.mul_(keep).addmm_(d.t(), x)
 
 
+def _live_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 copy of H whose dead columns (diagonal 0: that input is always 0) have diagonal 1, and their mask."""
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    return h, dead
+
+
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, alpha: float,
                       percdamp: float = 0.01) -> torch.Tensor:
     """The weight GPTQ should aim at so that the layer, fed the quantized model's inputs X, matches the unquantized
@@ -138,9 +146,7 @@ def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.
     ``W R`` from X (then ``|Q X - W R|^2 = |(Q - W*) X|^2 + const``), smaller alpha trusts the calibration data less.
     """
     w = weight.detach().float()
-    h = hessian.float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
+    h, _ = _live_hessian(hessian)
     h.diagonal().add_(percdamp * h.diagonal().mean())
     correction = torch.cholesky_solve((w @ cross.float()).t(), torch.linalg.cholesky(h)).t()
     return w + alpha * correction
@@ -199,11 +205,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
         raise ValueError(f"blocksize must be a multiple of the group size {g}, got {blocksize}")
     w = weight.detach().float().clone()  # [N, K]
     n, k = w.shape
-    h = hessian.detach().float().clone()  # [K, K]
+    h, dead = _live_hessian(hessian)  # [K, K]
     assert h.shape == (k, k), f"Hessian {tuple(h.shape)} does not match weight {tuple(w.shape)}"
-
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
     w[:, dead] = 0
     importance = h.diagonal().clone()  # [K], original column order
     t = fmt.tensor_params(weight.detach().float())
