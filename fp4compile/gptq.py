@@ -137,18 +137,25 @@ def _live_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, alpha: float,
-                      percdamp: float = 0.01) -> torch.Tensor:
+                      percdamp: float = 0.01, retries: int = 4) -> torch.Tensor:
     """The weight GPTQ should aim at so that the layer, fed the quantized model's inputs X, matches the unquantized
     layer fed the unquantized model's inputs R: the weight correction of QEP (arXiv:2504.09629), the same
     objective as GPTAQ's asymmetric calibration (arXiv:2504.02692).
 
     ``W* = W + alpha W C (H + damp I)^-1`` with ``C = 2 (R - X)^T X / n``; alpha = 1 is the least-squares fit of
     ``W R`` from X (then ``|Q X - W R|^2 = |(Q - W*) X|^2 + const``), smaller alpha trusts the calibration data less.
+    If no dampening (percdamp x 10 per retry, as in :func:`gptq`) makes H positive definite, the target is W itself,
+    with a warning.
     """
     w = weight.detach().float()
     h, _ = _live_hessian(hessian)
-    h.diagonal().add_(percdamp * h.diagonal().mean())
-    correction = torch.cholesky_solve((w @ cross.float()).t(), torch.linalg.cholesky(h)).t()
+    factor = _damped_cholesky(h, percdamp, retries)
+    if factor is None:
+        warnings.warn(f"asymmetric GPTQ target: Hessian not positive definite even with "
+                      f"percdamp={percdamp * 10**retries:g}; aiming at the layer's own weight", RuntimeWarning,
+                      stacklevel=2)
+        return w
+    correction = torch.cholesky_solve((w @ cross.float()).t(), factor[0]).t()
     return w + alpha * correction
 
 
@@ -162,18 +169,29 @@ class GPTQResult:
     fallback: str | None = None
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float] | None:
-    """``cholesky(inverse(H + damp I), upper)``; on failure multiply percdamp by 10 and retry. None if all fail."""
+def _damped_cholesky(h: torch.Tensor, percdamp: float, retries: int,
+                     then=lambda lower: lower) -> tuple[torch.Tensor, float] | None:
+    """``then(cholesky(H + damp I))`` and the percdamp that worked: where the factorization fails, or ``then``
+    returns None or non-finite values, multiply percdamp by 10 and retry. None if all ``retries + 1`` tries fail."""
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal().mean()
     for _ in range(retries + 1):
         lower, info = torch.linalg.cholesky_ex(h + percdamp * mean_diag * eye)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper, percdamp
+            factor = then(lower)
+            if factor is not None and torch.isfinite(factor).all():
+                return factor, percdamp
         percdamp *= 10
     return None
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float] | None:
+    """``cholesky(inverse(H + damp I), upper)`` and the percdamp that worked (see :func:`_damped_cholesky`)."""
+    def upper_of_inverse(lower):
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        return upper if info == 0 else None
+
+    return _damped_cholesky(h, percdamp, retries, upper_of_inverse)
 
 
 def rtn(weight: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> GPTQResult:

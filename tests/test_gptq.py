@@ -1,5 +1,7 @@
 """GPTQ on single layers: exactness of the returned tensor, the error it reaches, and its failure paths."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -132,6 +134,21 @@ def test_cholesky_failure_falls_back_to_rtn_with_warning():
         res = G.gptq(w, h, G.nvfp4_format())
     assert res.fallback is not None and "Cholesky" in res.fallback
     assert torch.equal(res.dequantized, nvfp4.fake_quantize(w))
+    with pytest.warns(RuntimeWarning, match="own weight"):
+        target = G.asymmetric_target(w, h, torch.randn(64, 64), alpha=0.25)
+    assert torch.equal(target, w)
+
+
+def test_asymmetric_target_retries_with_more_dampening():
+    """A Hessian that only a larger dampening makes positive definite: the target is still W plus a correction."""
+    torch.manual_seed(4)
+    w, cross = torch.randn(16, 64), torch.randn(64, 64) * 0.01
+    h = torch.eye(64) - 0.02 * torch.ones(64, 64)  # smallest eigenvalue 1 - 0.02 * 64 = -0.28, mean diagonal 0.98
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target = G.asymmetric_target(w, h, cross, alpha=1.0, percdamp=0.01)  # 0.01 fails, 0.1 fails, 1.0 works
+    damped = h + 1.0 * h.diagonal().mean() * torch.eye(64)
+    torch.testing.assert_close(target, w + torch.linalg.solve(damped, (w @ cross).t()).t(), rtol=1e-4, atol=1e-5)
 
 
 def test_blocksize_must_be_a_multiple_of_16(layer):
