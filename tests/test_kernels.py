@@ -208,6 +208,20 @@ def test_ops_dispatch_leading_dims():
     torch.testing.assert_close(out.float(), ref, rtol=2**-9, atol=1e-3)
 
 
+def test_gemv_copies_unaligned_rows():
+    """The GEMV reads 16-byte vectors: a row that starts off that boundary or strides along K is copied first;
+    a packed weight it cannot read as 32-bit words is refused with a message naming the problem."""
+    w = random_nvfp4(48, 64)
+    base = torch.randn(1, 160, device=DEVICE).bfloat16()
+    for x in (base[:, 1:65], base[:, ::2][:, :64]):
+        out = triton_gemm.gemm_a16(x, *w, None, out_dtype=torch.float32)
+        check(out, x.cpu().double() @ dequant64(*w).t(), out, torch.float32)
+    packed, scales, pts = w
+    shifted = torch.empty(48, 33, dtype=torch.uint8, device=DEVICE)[:, 1:].copy_(packed)
+    with pytest.raises(ValueError, match="32-bit words"):
+        triton_gemm.gemm_a16(base[:, :64], shifted, scales, pts, None)
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
 def test_dequantize_kernel_is_exact(dtype):
     """The cuBLAS path's scratch operand equals the reference's e2m1 * S_b bit for bit (odd sizes, all patterns)."""

@@ -10,9 +10,9 @@ fp16 and bf16 and the tensor-core products are exact in fp32; the global scales 
 
 Dequantization is integer bit moves: a nibble ``s e1 e0 m`` moved into a float's sign, lowest exponent bits and
 highest mantissa bit is the e2m1 value times a power of two, subnormals included (fp16: 2**-14; bf16: 2**-126,
-then one exact bf16 multiply by the scale times 2**119). ``alpha`` carries the power of two back. On sm_89+ GPUs
-the bit moves run as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 and the
-interpreter use the portable Triton version.
+then one exact bf16 multiply by the scale times 2**119; fp32 for the GEMV: 2**-126, then one exact multiply by
+2**126). ``alpha`` carries any power of two left back. On sm_89+ GPUs the bit moves run as inline PTX on 4 bytes
+at a time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable Triton version.
 
 Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block scale applied once per 16
 products); ``_mma_kernel`` up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers
@@ -36,8 +36,8 @@ _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 128)
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
-# GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of the H100 sweep (KERNEL_NOTES.md, version 6).
-_GEMV_CONFIGS = [(16, 1024, 4), (16, 512, 4), (8, 512, 4), (16, 256, 4)]
+# GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of a 36-config H200 sweep (KERNEL_NOTES.md, version 8).
+_GEMV_CONFIGS = [(16, 1024, 4), (8, 1024, 2), (8, 1024, 4), (16, 512, 4)]
 # Small tiles for the CPU interpreter, where the number of programs dominates the run time.
 _INTERPRET_GEMV = (16, 64, 4)
 _INTERPRET_MMA = (16, 16, 64, 2, 4, 1, False)
@@ -73,6 +73,43 @@ def _e2m1_pair_to_f16(p, PTX: tl.constexpr):
     lo = ((p & 0x07) << 9) | ((p & 0x08) << 12)
     hi = ((p & 0x70) << 5) | ((p & 0x80) << 8)
     return lo.to(tl.uint16).to(tl.float16, bitcast=True), hi.to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+def _word_to_f32_ptx() -> str:
+    """Inline PTX: one 32-bit word of 8 packed nibbles -> their e2m1 values as fp32, $0..$7 in element order.
+    A shift left puts nibble j at the top of the register (its sign at bit 31); an arithmetic shift right by 6
+    moves ``e1 e0 m`` to bits 24..22 (the exponent's two lowest bits, the mantissa's highest) and copies the
+    sign over bits 30..25, which the mask clears. That float is the value times 2**-126 (a subnormal when
+    e1 e0 = 0), and the multiply by 2**126 is exact: ``mul.f32`` without ``.ftz`` keeps subnormal inputs. Three
+    integer instructions and one multiply per element, no conversion instruction."""
+    lines = ["{", ".reg .b32 t;"]
+    for j in range(8):
+        top = f"shl.b32 t, $8, {28 - 4 * j}; shr.s32 t, t, 6;" if j < 7 else "shr.s32 t, $8, 6;"
+        lines.append(f"{top} and.b32 t, t, 0x81C00000; mul.f32 ${j}, t, 0f7E800000;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_WORD_TO_F32_PTX = tl.constexpr(_word_to_f32_ptx())
+
+
+@triton.jit
+def _e2m1_word_to_f32(word, PTX: tl.constexpr):
+    """uint32 words of 8 packed e2m1 nibbles (element j in bits 4j..4j+3) -> fp32 values, one more dimension
+    of 8 in element order."""
+    if PTX:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _WORD_TO_F32_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        code = word.to(tl.int32, bitcast=True)
+        v0, v1 = _e2m1_value(code & 15), _e2m1_value((code >> 4) & 15)
+        v2, v3 = _e2m1_value((code >> 8) & 15), _e2m1_value((code >> 12) & 15)
+        v4, v5 = _e2m1_value((code >> 16) & 15), _e2m1_value((code >> 20) & 15)
+        v6, v7 = _e2m1_value((code >> 24) & 15), _e2m1_value((code >> 28) & 15)
+    # tl.join stacks along a new last dimension, so after three nested joins position 4i + 2k + l holds the
+    # i-th argument of an innermost join, inside the k-th middle one, inside the l-th outer one: element 4i + 2k + l.
+    values = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(values, word.shape + (8,))
 
 
 @triton.jit
@@ -260,23 +297,25 @@ def _mma_kernel(
 
 
 @triton.jit
-def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_ak, stride_wn, stride_wsn,
+def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_wn, stride_wsn,
                 A_FP4: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The raw tiles of K step ``step`` of ``_gemv_kernel``: weight bytes [BLOCK_N, BLOCK_K/2] and scales
-    [BLOCK_N, G]; the activation as packed bytes [G, 8] and scales [G] (NVFP4) or values [G, 16]. Masked past
-    K (a step past the end loads nothing)."""
-    G: tl.constexpr = BLOCK_K // 16
-    offs_g = step * G + tl.arange(0, G)
-    offs_j = step * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    g_mask = offs_g < K // 16
-    p = tl.load(w_ptr + rows_n[:, None] * stride_wn + offs_j[None, :], mask=(offs_j < K // 2)[None, :], other=0)
-    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=g_mask[None, :], other=0)
+    """The raw tiles of K step ``step`` of ``_gemv_kernel``: weight words [BLOCK_N, W] (W = BLOCK_K/8 words of
+    8 elements) and scales [BLOCK_N, W/2]; the activation as words [W] and their scales [W] (NVFP4) or values
+    [W, 8]. Masked past K (a step past the end loads nothing)."""
+    W: tl.constexpr = BLOCK_K // 8
+    offs_u = step * W + tl.arange(0, W)
+    offs_g = step * (W // 2) + tl.arange(0, W // 2)
+    u_mask = offs_u < K // 8
+    p = tl.load(w_ptr.to(tl.pointer_type(tl.uint32)) + rows_n[:, None] * (stride_wn // 4) + offs_u[None, :],
+                mask=u_mask[None, :], other=0)
+    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K // 16)[None, :],
+                other=0)
     if A_FP4:
-        a = tl.load(a_ptr + offs_g[:, None] * 8 + tl.arange(0, 8)[None, :], mask=g_mask[:, None], other=0)
-        a_s = tl.load(a_scale_ptr + offs_g, mask=g_mask, other=0)
+        a = tl.load(a_ptr.to(tl.pointer_type(tl.uint32)) + offs_u, mask=u_mask, other=0)
+        a_s = tl.load(a_scale_ptr + offs_u // 2, mask=u_mask, other=0)
     else:
-        a = tl.load(a_ptr + (offs_g[:, None] * 16 + tl.arange(0, 16)[None, :]) * stride_ak, mask=g_mask[:, None],
-                    other=0.0)
+        a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=u_mask[:, None],
+                    other=0.0).to(tl.float32)
         a_s = s  # no activation scales; the kernel does not read this
     return p, s, a, a_s
 
@@ -287,46 +326,44 @@ def _gemv_kernel(
     a_ptr, a_scale_ptr, a_pts_ptr, w_ptr, w_scale_ptr, w_pts_ptr, bias_ptr, out_ptr,
     # dims
     N, K,
-    # strides (the single activation row: its K stride; packed bytes and scales are contiguous along K)
-    stride_ak, stride_wn, stride_wsn,
+    # strides (of packed weight rows and of scale rows, in bytes; the activation row is contiguous)
+    stride_wn, stride_wsn,
     # meta-parameters
     A_FP4: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """M == 1: BLOCK_N output elements per program, on the CUDA cores.
 
-    A decode GEMV is bound by how many weight bytes are in flight: each K step loads the tiles of the next
-    step (``_gemv_loads``) before computing on its own, so a program always has a load outstanding. Weight
-    rows are read as [BLOCK_N, BLOCK_K/2] (8-byte vector loads) and viewed as [BLOCK_N, G, 8], G = BLOCK_K/16
-    blocks of 8 bytes; a bf16/fp16 activation is read as [G, 16] and split into its even and odd elements in
-    registers. Each block's 16 products are summed first and its scale applied once; the per-block partial
-    sums stay in a [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the
-    store is masked).
+    A decode GEMV has to keep weight bytes in flight and spend few instructions per weight element. Each K
+    step loads the tiles of the next step (``_gemv_loads``) before computing on its own, so a program always
+    has a load outstanding. The weight is read as 32-bit words of 8 elements, unpacked straight to fp32 by
+    ``_e2m1_word_to_f32`` (3 integer instructions and a multiply per element), and multiplied with the
+    activation's fp32 values, which every weight row of the program shares. Two words make a 16-element block:
+    its products are summed first and its scale applied once; the per-block partial sums stay in a
+    [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the store is masked).
     """
+    W: tl.constexpr = BLOCK_K // 8
     G: tl.constexpr = BLOCK_K // 16
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = offs_n % N
 
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K, stride_ak, stride_wn,
-                               stride_wsn, A_FP4, BLOCK_K)
+    p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K, stride_wn, stride_wsn,
+                               A_FP4, BLOCK_K)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         p_step, s_step, a_step, a_s_step = p, s, a, a_s
-        p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_ak,
-                                   stride_wn, stride_wsn, A_FP4, BLOCK_K)
+        p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_wn,
+                                   stride_wsn, A_FP4, BLOCK_K)
         if A_FP4:
-            a_scale = _e4m3_to_f16(a_s_step, PTX)[:, None]
-            a_even, a_odd = _e2m1_pair_to_f16(a_step, PTX)
-            a_even = (a_even * a_scale).to(tl.float32)
-            a_odd = (a_odd * a_scale).to(tl.float32)
+            a_values = _e2m1_word_to_f32(a_step, PTX) * _e4m3_to_f16(a_s_step, PTX).to(tl.float32)[:, None]
         else:
-            a_even, a_odd = tl.split(tl.reshape(a_step.to(tl.float32), (G, 8, 2)))
-        w_even, w_odd = _e2m1_pair_to_f16(tl.reshape(p_step, (BLOCK_N, G, 8)), PTX)
-        block_sums = tl.sum(w_even.to(tl.float32) * a_even[None] + w_odd.to(tl.float32) * a_odd[None], axis=2)
+            a_values = a_step
+        word_sums = tl.sum(_e2m1_word_to_f32(p_step, PTX) * a_values[None], axis=2)
+        block_sums = tl.sum(tl.reshape(word_sums, (BLOCK_N, G, 2)), axis=2)
         acc += block_sums * _e4m3_to_f16(s_step, PTX).to(tl.float32)
 
-    alpha = tl.load(w_pts_ptr) * 16384.0
+    alpha = tl.load(w_pts_ptr)
     if A_FP4:
-        alpha = alpha * (tl.load(a_pts_ptr) * 16384.0)
+        alpha = alpha * tl.load(a_pts_ptr)
     out = tl.sum(acc, axis=1) * alpha
     if bias_ptr is not None:
         out += tl.load(bias_ptr + rows_n).to(tl.float32)
@@ -439,13 +476,19 @@ def launch_gemv(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config
     """Run ``_gemv_kernel`` (M == 1) into ``out`` [1, N]; arguments as for :func:`launch_mma`."""
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     a_fp4 = a_scales is not None
+    if w_packed.stride(1) != 1 or w_packed.data_ptr() % 4 or w_packed.stride(0) % 4:
+        raise ValueError("the GEMV reads packed weight rows as 32-bit words: they must be contiguous and aligned")
+    if a.stride(1) != 1 or a.data_ptr() % 16:  # the activation too, in 16-byte vectors
+        a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
+    if a_fp4 and a_scales.stride(1) != 1:
+        a_scales = a_scales.contiguous()
 
     def run(cfg):
         block_n, block_k, warps = cfg
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out,
             n, k,
-            a.stride(1), w_packed.stride(0), w_scales.stride(0),
+            w_packed.stride(0), w_scales.stride(0),
             A_FP4=a_fp4, PTX=_ptx(a.device), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
 
