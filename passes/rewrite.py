@@ -17,7 +17,7 @@ the call from them) and tell the backend at run time whether a parameter was rep
 
 import operator
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -218,7 +218,11 @@ def rewrite_linears(
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     report, embedded, emit = RewriteReport(), [], _Emitter(gm, fake_mode)
+    replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its GEMM, for a layer that reads it directly
     for m in find_linears(gm):
+        linear_input = m.x  # the GEMM that replaces a linear carries no fake value; the linear did
+        if m.x in replaced:
+            m = replace(m, x=replaced[m.x])
         node = m.node
         weight = stored_tensor(m.weight)
         shape = None if weight is None else tuple(weight.t().shape if m.weight_kn else weight.shape)
@@ -241,10 +245,11 @@ def rewrite_linears(
                 out = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
             else:
                 a = _quantized_activation(g, emit, m, embedded, prefix)
-                args = (*a, w_packed, w_scales, w_pts, m.bias, _out_dtype(m.x))
+                args = (*a, w_packed, w_scales, w_pts, m.bias, _out_dtype(linear_input))
                 out = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")
         out.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.replace_all_uses_with(out)
+        replaced[node] = out
         rhs = node.args[2] if node.target in ADDMM_TARGETS else node.args[1]
         gm.graph.erase_node(node)
         if rhs is not m.weight and isinstance(rhs, fx.Node) and not rhs.users:  # the transpose only it used

@@ -144,6 +144,19 @@ def test_non_contiguous_input():
         torch.testing.assert_close(compile_fp4(model)(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
+def test_a_linear_reading_another_linear_directly(scheme):
+    """Back-to-back linears (no op between): the second one reads the first one's GEMM."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64, bias=False)), torch.randn(5, 64)
+    with torch.no_grad():
+        out = compile_fp4(model, scheme=scheme)(x)
+    a = nvfp4.fake_quantize(x) if scheme == "nvfp4" else x
+    h = a @ nvfp4.fake_quantize(model[0].weight).t() + model[0].bias
+    h = nvfp4.fake_quantize(h) if scheme == "nvfp4" else h
+    torch.testing.assert_close(out, h @ nvfp4.fake_quantize(model[1].weight).t(), rtol=1e-5, atol=1e-5)
+
+
 def test_weight_changed_in_place_or_replaced_is_never_stale():
     model, x = MLP(), torch.randn(4, 64)
     with torch.no_grad():
