@@ -123,3 +123,15 @@ def test_dequantize_is_code_value_times_block_scale_times_global_scale():
     assert torch.equal(nvfp4.dequantize_parts(packed, scales, pts), expect)
     table = dict(zip(range(16), nvfp4.E2M1_VALUES + tuple(-v for v in nvfp4.E2M1_VALUES)))
     assert nvfp4.e2m1_to_float(codes).flatten().tolist() == [table[c] for c in codes.flatten().tolist()]
+
+
+def test_decode_by_bits_equals_the_arithmetic_decode():
+    codes = torch.arange(16, dtype=torch.uint8)
+    by_bits = nvfp4.e2m1_to_float_by_bits(codes)
+    assert torch.equal(by_bits.view(torch.int32), nvfp4.e2m1_to_float(codes).view(torch.int32))  # -0.0 included
+    packed = torch.arange(256, dtype=torch.uint8).repeat(254, 1)  # every byte against every finite e4m3 scale
+    scales = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)[:, None].expand(-1, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = nvfp4.dequantize_blocks_by_bits(packed, scales, dtype)
+        expect = nvfp4.dequantize_parts(packed, scales, None, dtype)
+        assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))  # bit patterns, so -0.0 counts

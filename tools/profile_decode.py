@@ -1,0 +1,103 @@
+"""Where the time of a decode step goes: GPU kernel time per generated token, split into GEMMs and the rest, against
+the wall time of the same ``generate()`` call, per configuration.
+
+    PYTHONPATH=. python tools/profile_decode.py [--layers 32] [--configs bf16,nvfp4a16]
+    PYTHONPATH=. python tools/profile_decode.py --tiny --device cpu          # dry run (no kernels on a CPU)
+
+Runs ``generate()`` as ``tools/bench_e2e.py`` does (Llama-3-8B layer shapes, random bf16 weights, static cache,
+decode step compiled with CUDA graphs) under ``torch.profiler``. "GEMM" is every kernel of cuBLAS or of
+fp4compile's GEMM path; the wall time that no kernel covers is launch gaps inside the CUDA graph plus the host work
+of ``generate()`` between steps. The numbers are per generated token over one call that also runs the prompt's
+prefill once.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fp4compile.__main__ import compile_config  # noqa: E402
+from tools.bench_e2e import CONFIGS, build  # noqa: E402
+
+GEMM_KERNELS = ("nvjet", "gemm", "xmma", "cutlass", "splitKreduce", "_gemv_kernel", "_mma_kernel", "_epilogue_kernel",
+                "_dequant_kernel")
+
+
+def kernel_times(prof) -> dict[str, tuple[int, float]]:
+    """Kernel name -> (launches, total us) of every GPU kernel the profiler saw."""
+    rows: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            row = rows.setdefault(e.name, [0, 0.0])
+            row[0] += 1
+            row[1] += e.device_time_total
+    return {name: (n, us) for name, (n, us) in rows.items()}
+
+
+def profile_config(model, scheme: str | None, args, device) -> dict:
+    torch._dynamo.reset()
+    backend = "inductor" if scheme is None else "fp4"
+    model.generation_config.compile_config = compile_config(backend, scheme, device, device.type == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
+
+    def generate():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                       min_new_tokens=args.new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.no_grad():
+        for _ in range(2):  # compile, record the CUDA graphs, then one plain call: the profiled call replays
+            generate()
+        start = time.perf_counter()
+        generate()
+        wall_us = (time.perf_counter() - start) * 1e6
+        with torch.profiler.profile(activities=activities) as prof:
+            generate()
+    kernels = kernel_times(prof)
+    tokens = args.new_tokens
+    gemm = sum(us for name, (_, us) in kernels.items() if any(k in name for k in GEMM_KERNELS))
+    total = sum(us for _, us in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]
+    return {"wall_us": wall_us / tokens, "kernel_us": total / tokens, "gemm_us": gemm / tokens,
+            "launches": sum(n for n, _ in kernels.values()) / tokens,
+            "top": [(name, n / tokens, us / tokens) for name, (n, us) in top]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=32, help="layers of the Llama-3-8B-shaped model")
+    p.add_argument("--configs", default="bf16,nvfp4a16")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--top", type=int, default=8, help="kernels listed per configuration")
+    p.add_argument("--tiny", action="store_true", help="tiny model sizes, for a dry run")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch._dynamo.config.recompile_limit = 64
+    model = build("llama3-8b-shapes", args.layers, args.tiny, device, torch.bfloat16)
+    results = {}
+    for config in args.configs.split(","):
+        r = results[config] = profile_config(model, CONFIGS[config], args, device)
+        print(f"\n{config}: kernels per generated token, by GPU time")
+        for name, n, us in r["top"]:
+            print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
+    print(f"\nper generated token ({args.new_tokens} tokens after a {args.prompt_len}-token prompt, "
+          f"{model.config.num_hidden_layers} layers, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
+    print(f"{'config':>10} {'wall us':>9} {'kernels us':>11} {'GEMM us':>9} {'other us':>9} {'not kernels us':>15} "
+          f"{'launches':>9}")
+    for config, r in results.items():
+        print(f"{config:>10} {r['wall_us']:9.0f} {r['kernel_us']:11.0f} {r['gemm_us']:9.0f} "
+              f"{r['kernel_us'] - r['gemm_us']:9.0f} {r['wall_us'] - r['kernel_us']:15.0f} {r['launches']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
