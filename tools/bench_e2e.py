@@ -142,14 +142,14 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=32, help="prompt of the decode runs")
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batches", default="1,16")
+    p.add_argument("--batches", default="1,16", help='decode batch sizes; "" measures prefill only')
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no configuration after this long")
     p.add_argument("--tiny", action="store_true", help="tiny model sizes, for a dry run")
     p.add_argument("--convert", action="store_true",
                    help="fp4 configurations run a copy converted by fp4compile.quantize_model (packed weights only)")
     args = p.parse_args()
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     dtype = torch.bfloat16
