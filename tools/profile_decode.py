@@ -27,6 +27,12 @@ GEMM_KERNELS = ("nvjet", "gemm", "xmma", "cutlass", "splitKreduce", "_gemv_kerne
                 "_dequant_kernel")
 
 
+def is_gemm(name: str) -> bool:
+    """A cuBLAS kernel or one of fp4compile's GEMM kernels. Inductor's own kernels (``triton_...``) never are, even
+    when their name lists a fused GEMM epilogue (``triton_poi_fused_gemm_a16_mul_silu``)."""
+    return not name.startswith("triton_") and any(k in name for k in GEMM_KERNELS)
+
+
 def kernel_times(prof) -> dict[str, tuple[int, float]]:
     """Kernel name -> (launches, total us) of every GPU kernel the profiler saw."""
     rows: dict[str, list] = {}
@@ -63,7 +69,7 @@ def profile_config(model, scheme: str | None, args, device) -> dict:
             generate()
     kernels = kernel_times(prof)
     tokens = args.new_tokens
-    gemm = sum(us for name, (_, us) in kernels.items() if any(k in name for k in GEMM_KERNELS))
+    gemm = sum(us for name, (_, us) in kernels.items() if is_gemm(name))
     total = sum(us for _, us in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]
     return {"wall_us": wall_us / tokens, "kernel_us": total / tokens, "gemm_us": gemm / tokens,
