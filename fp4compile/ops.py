@@ -139,13 +139,6 @@ def _epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias, lead, out_dtype: tor
     return out.to(out_dtype).reshape(*lead, acc.shape[-1])
 
 
-def _dequantize_operand(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``e2m1 * S_b`` as bf16/fp16 (exact: at most 6 significant bits). Inductor generates this kernel for every layer;
-    the decode by bit placement both compiles and runs faster than the reference's arithmetic one (H200, 16
-    Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08 ms, same logits)."""
-    return nvfp4.dequantize_blocks_by_bits(packed, scales.view(torch.uint8), dtype)
-
-
 def _gemm_plan(x: torch.Tensor) -> str:
     """How Inductor runs a GEMM whose activation (or its packed form) is ``x``:
 
@@ -154,7 +147,10 @@ def _gemm_plan(x: torch.Tensor) -> str:
       tensor cores with the weight dequantized in registers for more);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
       fp4::mm_f32 (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
-      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small.
+      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. Inductor
+      generates the dequantize once per layer; ``format.dequantize_blocks_by_bits`` both compiles and runs faster
+      there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9
+      s, 1024-token prefill 17.44 -> 16.08 ms, the same logits).
     """
     from . import kernels
 
@@ -165,8 +161,8 @@ def _gemm_plan(x: torch.Tensor) -> str:
 def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     if _gemm_plan(a_packed) == "kernel":
         return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
-    a = _dequantize_operand(a_packed.flatten(0, -2), a_scales.flatten(0, -2), torch.bfloat16)
-    w = _dequantize_operand(w_packed, w_scales, torch.bfloat16)
+    a = nvfp4.dequantize_blocks_by_bits(a_packed.flatten(0, -2), a_scales.flatten(0, -2), torch.bfloat16)
+    w = nvfp4.dequantize_blocks_by_bits(w_packed, w_scales, torch.bfloat16)
     acc = torch.ops.fp4.mm_f32(a, w)
     return _epilogue(acc, a_pts * w_pts, bias, a_packed.shape[:-1], out_dtype)
 
@@ -175,7 +171,7 @@ def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bi
 def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias):
     if _gemm_plan(x) == "kernel":
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
-    w = _dequantize_operand(w_packed, w_scales, x.dtype)
+    w = nvfp4.dequantize_blocks_by_bits(w_packed, w_scales, x.dtype)
     acc = torch.ops.fp4.mm_f32(x.flatten(0, -2), w)
     return _epilogue(acc, w_pts, bias, x.shape[:-1], x.dtype)
 

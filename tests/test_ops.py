@@ -66,13 +66,12 @@ def test_block_quantize_is_plain_torch_on_cpu_and_the_kernel_op_on_cuda():
 def test_compiled_operand_dequantize_is_exact(dtype):
     """The dequantize Inductor generates for the multi-row CUDA plan decodes by bit placement, which is exact only
     where the compiled code keeps subnormals: every byte against every finite e4m3 scale, compiled, bit for bit."""
-    from fp4compile.ops import _dequantize_operand
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scale_bits = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
     packed = torch.arange(256, dtype=torch.uint8).repeat(scale_bits.numel(), 1).to(device)  # [scales, 256]: 32 blocks
     scales = scale_bits[:, None].expand(-1, 32).contiguous().to(device)
     with torch._inductor.config.patch(fx_graph_cache=False):
-        compiled = torch.compile(_dequantize_operand, backend="inductor", fullgraph=True)(packed, scales, dtype)
+        dequantize = torch.compile(nvfp4.dequantize_blocks_by_bits, backend="inductor", fullgraph=True)
+        compiled = dequantize(packed, scales, dtype)
     expect = nvfp4.dequantize_parts(packed.cpu(), scales.cpu(), None, dtype)
     assert torch.equal(compiled.cpu().view(torch.int16), expect.view(torch.int16))

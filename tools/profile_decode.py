@@ -96,8 +96,9 @@ def main() -> None:
         print(f"\n{config}: kernels per generated token, by GPU time")
         for name, n, us in r["top"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nper generated token ({args.new_tokens} tokens after a {args.prompt_len}-token prompt, "
-          f"{model.config.num_hidden_layers} layers, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
+          f"{model.config.num_hidden_layers} layers, {device_name})")
     print(f"{'config':>10} {'wall us':>9} {'kernels us':>11} {'GEMM us':>9} {'other us':>9} {'not kernels us':>15} "
           f"{'launches':>9}")
     for config, r in results.items():
