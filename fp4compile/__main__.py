@@ -154,11 +154,13 @@ def time_calls(fn: Callable[[], object], device: torch.device, reps: int, desc: 
     return Timing(first, statistics.median(times))
 
 
-def compile_config(backend: str, scheme: str | None, device: torch.device, cudagraphs: bool):
+def compile_config(backend: str, scheme: str | None, device: torch.device, cudagraphs: bool, group: bool = True):
     """transformers' CompileConfig for ``generate``: ``mode=None`` since torch.compile takes mode or options."""
     options = {"triton.cudagraphs": True} if cudagraphs else {}
     if scheme is not None:
         options["scheme"] = scheme
+    if not group:
+        options["group"] = False
     config = _transformers().CompileConfig(backend=backend, mode=None, fullgraph=False, options=options)
     if device.type == "cpu":
         config._compile_all_devices = True  # transformers compiles generate's decode step on GPUs only otherwise

@@ -6,8 +6,9 @@
     torch.compile(model, backend="fp4", mode="reduce-overhead")
 
 Every compile decision lives here. ``options`` keys of fp4compile: ``scheme``, ``skip`` (glob patterns of layer
-names left in high precision, default ``("lm_head",)``) and ``report`` (a list that receives one
-``RewriteReport`` per compiled graph). Every other key is an Inductor config option and is passed on.
+names left in high precision, default ``("lm_head",)``), ``group`` (default True: linears that read the same
+activation, such as q/k/v, run as one GEMM launch) and ``report`` (a list that receives one ``RewriteReport`` per
+compiled graph). Every other key is an Inductor config option and is passed on.
 """
 
 import contextlib
@@ -29,7 +30,7 @@ except ImportError:  # a source checkout that was not pip-installed: passes/ sit
 
 log = logging.getLogger("fp4compile")
 
-FP4_OPTIONS = ("scheme", "skip", "report")
+FP4_OPTIONS = ("scheme", "skip", "group", "report")
 
 
 class _DecompositionVersion(CustomGraphPass):
@@ -59,6 +60,7 @@ _CPP_DROPS_PRECISION_CASTS = torch.torch_version.TorchVersion(torch.__version__)
 class BackendOptions:
     scheme: str = "nvfp4"
     skip: tuple[str, ...] = ("lm_head",)
+    group: bool = True
     report: list | None = None
     inductor: dict = field(default_factory=dict)
 
@@ -73,7 +75,10 @@ class BackendOptions:
             raise ValueError(f"fp4 backend: unknown scheme {scheme!r}; expected one of {SCHEMES}")
         skip = options.get("skip", cls.skip)
         skip = (skip,) if isinstance(skip, str) else tuple(skip)
-        return cls(scheme, skip, options.get("report"), inductor)
+        group = options.get("group", cls.group)
+        if not isinstance(group, bool):
+            raise ValueError(f"fp4 backend: option 'group' must be True or False, got {group!r}")
+        return cls(scheme, skip, group, options.get("report"), inductor)
 
 
 def _check_inference(gm: torch.fx.GraphModule, example_inputs) -> None:
@@ -129,7 +134,7 @@ class CompiledGraph:
     def __init__(self, gm: torch.fx.GraphModule, example_inputs, options: BackendOptions):
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         self.report, self.embedded = rewrite_linears(
-            gm, scheme=options.scheme, skip=options.skip, fake_mode=fake_mode
+            gm, scheme=options.scheme, skip=options.skip, fake_mode=fake_mode, group=options.group
         )
         log.info("%s", self.report)
         if options.report is not None:
@@ -167,7 +172,8 @@ def explain(model, *example_inputs, **options) -> RewriteReport:
 
     def capture(gm, example_inputs_):
         fake_mode = torch._guards.detect_fake_mode(example_inputs_)
-        report, _ = rewrite_linears(gm, scheme=parsed.scheme, skip=parsed.skip, fake_mode=fake_mode)
+        report, _ = rewrite_linears(gm, scheme=parsed.scheme, skip=parsed.skip, fake_mode=fake_mode,
+                                    group=parsed.group)
         reports.append(report)
         return gm.forward
 

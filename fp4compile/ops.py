@@ -2,21 +2,24 @@
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
-    fp4::gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias?, out_dtype) -> [..., N]   (NVFP4 x NVFP4)
-    fp4::gemm_a16(x [..., K], w_packed, w_scales, w_pts, bias?) -> [..., N]               (high precision x NVFP4)
+    fp4::gemm(a_packed, a_scales, a_pts, w_packed[], w_scales[], w_pts[], bias?[], out_dtype) -> [[..., N_i]]
+                                                                                          (NVFP4 x NVFP4)
+    fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[]) -> [[..., N_i]]  (high precision x NVFP4)
     fp4::gemm_kernel, fp4::gemm_a16_kernel: the same products, never decomposed
     fp4::mm_f32(a [M, K], b [N, K]) -> fp32 [M, N]
     fp4::linear(x, w_packed, w_scales, w_pts, bias?, act_pts?, scheme) -> [..., N]        (a calibrated layer)
 
-Weights are ``[N, K]`` (K contiguous). Packed values and block scales cross every Inductor-visible edge as uint8
+A GEMM op takes a list of weights that all multiply its activation (one linear layer, or a group such as
+q/k/v) and returns one output per weight; on CUDA a group runs as one kernel launch. Weights are ``[N, K]`` (K
+contiguous). Packed values and block scales cross every Inductor-visible edge as uint8
 (the bit patterns of e2m1 pairs and e4m3 scales): Inductor's C++ backend cannot read or write float4/float8
 buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
 
 For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with the op that produces the
 activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
-kernels up to 128 rows), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue.
-On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
+kernels up to 128 rows), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue
+per weight. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
 ``out_dtype``).
 """
 
@@ -84,28 +87,28 @@ def _out_shape(lead: torch.Size, w_packed: torch.Tensor) -> tuple[int, ...]:
 
 def _reference_gemm_nvfp4(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     a = nvfp4.dequantize_parts(a_packed, a_scales, a_pts)
-    return nvfp4.reference_gemm(a, w_packed, w_scales, w_pts, bias, out_dtype)
+    return [nvfp4.reference_gemm(a, *w, out_dtype) for w in zip(w_packed, w_scales, w_pts, bias)]
 
 
 def _reference_gemm_a16(x, w_packed, w_scales, w_pts, bias):
-    return nvfp4.reference_gemm(x, w_packed, w_scales, w_pts, bias, x.dtype)
+    return [nvfp4.reference_gemm(x, *w, x.dtype) for w in zip(w_packed, w_scales, w_pts, bias)]
 
 
 def _gemm_fake(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
-    return a_packed.new_empty(_out_shape(a_packed.shape[:-1], w_packed), dtype=out_dtype)
+    return [a_packed.new_empty(_out_shape(a_packed.shape[:-1], p), dtype=out_dtype) for p in w_packed]
 
 
 def _gemm_a16_fake(x, w_packed, w_scales, w_pts, bias):
-    return x.new_empty(_out_shape(x.shape[:-1], w_packed))
+    return [x.new_empty(_out_shape(x.shape[:-1], p)) for p in w_packed]
 
 
 # Each GEMM exists twice with the same meaning: the op the passes emit (fp4::gemm, fp4::gemm_a16), which Inductor
 # decomposes (see _gemm_plan), and the kernel op (fp4::gemm_kernel, fp4::gemm_a16_kernel), which it never does.
 _GEMM_SIG = dict(mutates_args=(), schema=(
-    "(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor w_packed, Tensor w_scales, Tensor w_pts, "
-    "Tensor? bias, ScalarType out_dtype) -> Tensor"))
+    "(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, "
+    "Tensor?[] bias, ScalarType out_dtype) -> Tensor[]"))
 _GEMM_A16_SIG = dict(mutates_args=(), schema=(
-    "(Tensor x, Tensor w_packed, Tensor w_scales, Tensor w_pts, Tensor? bias) -> Tensor"))
+    "(Tensor x, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias) -> Tensor[]"))
 
 gemm = torch.library.custom_op("fp4::gemm", _reference_gemm_nvfp4, **_GEMM_SIG)
 gemm_kernel = torch.library.custom_op("fp4::gemm_kernel", _reference_gemm_nvfp4, **_GEMM_SIG)
@@ -150,7 +153,9 @@ def _gemm_plan(x: torch.Tensor) -> str:
       fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. Inductor
       generates the dequantize once per layer; ``format.dequantize_blocks_by_bits`` both compiles and runs faster
       there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9
-      s, 1024-token prefill 17.44 -> 16.08 ms, the same logits).
+      s, 1024-token prefill 17.44 -> 16.08 ms, the same logits). A group of weights runs one GEMM per weight here:
+      every way of stacking them for one cuBLAS call made Inductor's dequantize slower than the GEMM saved (H200,
+      M = 1024, q/k/v of Llama-3-8B: 158 us stacked against 104 us one by one; tools/KERNEL_NOTES.md, version 10).
     """
     from . import kernels
 
@@ -162,26 +167,30 @@ def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bi
     if _gemm_plan(a_packed) == "kernel":
         return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
     a = nvfp4.dequantize_blocks_by_bits(a_packed.flatten(0, -2), a_scales.flatten(0, -2), torch.bfloat16)
-    w = nvfp4.dequantize_blocks_by_bits(w_packed, w_scales, torch.bfloat16)
-    acc = torch.ops.fp4.mm_f32(a, w)
-    return _epilogue(acc, a_pts * w_pts, bias, a_packed.shape[:-1], out_dtype)
+    outs = []
+    for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
+        acc = torch.ops.fp4.mm_f32(a, nvfp4.dequantize_blocks_by_bits(p, s, torch.bfloat16))
+        outs.append(_epilogue(acc, a_pts * pts, b, a_packed.shape[:-1], out_dtype))
+    return outs
 
 
 @register_decomposition(torch.ops.fp4.gemm_a16.default)
 def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias):
     if _gemm_plan(x) == "kernel":
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
-    w = nvfp4.dequantize_blocks_by_bits(w_packed, w_scales, x.dtype)
-    acc = torch.ops.fp4.mm_f32(x.flatten(0, -2), w)
-    return _epilogue(acc, w_pts, bias, x.shape[:-1], x.dtype)
+    outs = []
+    for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
+        acc = torch.ops.fp4.mm_f32(x.flatten(0, -2), nvfp4.dequantize_blocks_by_bits(p, s, x.dtype))
+        outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
+    return outs
 
 
 def nvfp4_linear(x, w_packed, w_scales, w_pts, bias, act_pts, scheme: Scheme) -> torch.Tensor:
     """One quantized linear layer as the backend runs it: activation quantize (``nvfp4`` only), then the GEMM."""
     if scheme == "nvfp4a16":
-        return torch.ops.fp4.gemm_a16(x, w_packed, w_scales, w_pts, bias)
+        return torch.ops.fp4.gemm_a16(x, [w_packed], [w_scales], [w_pts], [bias])[0]
     a_packed, a_scales, a_pts = torch.ops.fp4.quantize_act(x, act_pts)
-    return torch.ops.fp4.gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, x.dtype)
+    return torch.ops.fp4.gemm(a_packed, a_scales, a_pts, [w_packed], [w_scales], [w_pts], [bias], x.dtype)[0]
 
 
 @torch.library.custom_op("fp4::linear", mutates_args=())

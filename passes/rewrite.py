@@ -7,9 +7,13 @@ Before (``nn.Linear(64, 32)`` on ``x``):
 After, scheme ``nvfp4`` (``nvfp4a16`` drops the quantize and calls ``fp4.gemm_a16(x, ...)``):
 
     fc_packed = self.fc_packed;  fc_scales = self.fc_scales;  fc_pts = self.fc_pts      # uint8, uint8, fp32 []
-    quantize_act = torch.ops.fp4.quantize_act.default(l_x_, None)                         # dynamic per-tensor scale
-    gemm = torch.ops.fp4.gemm.default(quantize_act[0], quantize_act[1], quantize_act[2],
-                                      fc_packed, fc_scales, fc_pts, l_fc_bias, torch.float32)
+    fc_act = torch.ops.fp4.quantize_act.default(l_x_, None)                               # dynamic per-tensor scale
+    fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts,
+                                         [fc_packed], [fc_scales], [fc_pts], [l_fc_bias], torch.float32)
+    fc_out = fc_gemm[0]
+
+Linears that read the same activation (a layer's q/k/v or gate/up projections) become one GEMM op whose lists hold
+all their weights (``..._self_attn_q_proj_k_proj_v_proj_gemm``), with one output each; the kernels run it as one launch.
 
 Packed weights are attributes of the GraphModule read with get_attr; the weight placeholders stay (Dynamo builds
 the call from them) and tell the backend at run time whether a parameter was replaced or changed in place.
@@ -17,7 +21,7 @@ the call from them) and tell the backend at run time whether a parameter was rep
 
 import operator
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -26,6 +30,8 @@ from torch._dynamo.source import ConstantSource
 from fp4compile import format as nvfp4
 from fp4compile.modules import matches_skip
 from fp4compile.ops import SCHEMES
+
+from fp4compile.kernels import GROUP_ALIGN, MAX_GROUP
 
 from .match import ADDMM_TARGETS, Linear, find_linears, stored_tensor
 
@@ -39,11 +45,17 @@ class LayerDecision:
     shape: tuple[int, int] | None  # (N, K) of the weight
     scheme: str | None
     reason: str | None = None
+    group: tuple[str, ...] = ()  # the layers (itself included) whose GEMMs run as one launch with it
 
 
 @dataclass
 class RewriteReport:
     layers: list[LayerDecision] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[tuple[str, ...]]:
+        """The layers that run as one GEMM launch, one tuple of names per launch."""
+        return list(dict.fromkeys(d.group for d in self.layers if d.group))
 
     @property
     def rewritten(self) -> list[LayerDecision]:
@@ -58,6 +70,8 @@ class RewriteReport:
         for d in self.layers:
             shape = "x".join(map(str, d.shape)) if d.shape else "-"
             status = d.scheme if d.reason is None else f"skipped: {d.reason}"
+            if d.group:
+                status += f", group of {len(d.group)}"
             lines.append(f"  {d.name:<40} {d.op:<12} {shape:<12} {status}")
         return "\n".join(lines)
 
@@ -190,16 +204,17 @@ def _static_act_scale(emit: _Emitter, m: Linear, embedded: list[Embedded]):
     return emit.constant(f"{m.name}_act_pts", tensor)
 
 
-def _quantized_activation(g: fx.Graph, emit: _Emitter, m: Linear, embedded: list[Embedded], prefix: str):
-    """(packed, scales, pts) nodes of ``m``'s activation; layers that share an input share a dynamic quantize."""
+def _quantized_activation(g: fx.Graph, emit: _Emitter, m: Linear, x: fx.Node, embedded: list[Embedded], prefix: str):
+    """(packed, scales, pts) nodes of ``m``'s activation ``x``; layers that share an input share a dynamic
+    quantize."""
     act_pts = _static_act_scale(emit, m, embedded)
-    if act_pts is None and m.x in emit.activations:
-        return emit.activations[m.x]
-    q = g.create_node("call_function", torch.ops.fp4.quantize_act.default, (m.x, act_pts), name=f"{prefix}_act")
+    if act_pts is None and x in emit.activations:
+        return emit.activations[x]
+    q = g.create_node("call_function", torch.ops.fp4.quantize_act.default, (x, act_pts), name=f"{prefix}_act")
     parts = [g.create_node("call_function", operator.getitem, (q, i), name=f"{prefix}_act_{part}")
              for i, part in enumerate(("packed", "scales", "pts"))]
     if act_pts is None:
-        emit.activations[m.x] = parts
+        emit.activations[x] = parts
     return parts
 
 
@@ -207,53 +222,122 @@ def _out_dtype(x: fx.Node) -> torch.dtype:
     return x.meta.get("val", x.meta.get("example_value")).dtype
 
 
+@dataclass
+class _Layer:
+    """A matched linear the pass rewrites: its match, its decision and the scheme it runs."""
+
+    match: Linear
+    decision: LayerDecision
+
+    @property
+    def scheme(self) -> str:
+        return self.decision.scheme
+
+    def group_key(self):
+        """Layers with equal keys may share one GEMM launch: same activation and scheme, same K, a bias on all or
+        none (graph inputs, defined before any layer), and for ``nvfp4`` the dynamic activation quantize they share
+        anyway."""
+        m = self.match
+        if m.bias is not None and m.bias.op != "placeholder":
+            return None
+        if self.scheme == "nvfp4" and m.prepacked and m.node.args[5] is not None:  # its own static scale
+            return None
+        return (m.x, self.scheme, self.decision.shape[1], m.bias is None)
+
+
+def _groups(layers: list[_Layer], group: bool) -> list[list[_Layer]]:
+    """Layers in launch groups, in graph order: each group is up to ``MAX_GROUP`` layers of one key, where every
+    layer but the last has a multiple of ``GROUP_ALIGN`` outputs (the kernels' tiles never straddle two)."""
+    groups, open_groups = [], {}
+    for layer in layers:
+        key = layer.group_key() if group else None
+        current = open_groups.get(key) if key is not None else None
+        if current is None:
+            current = []
+            groups.append(current)
+        current.append(layer)
+        full = len(current) == MAX_GROUP or layer.decision.shape[0] % GROUP_ALIGN
+        if key is not None:
+            open_groups[key] = None if full else current
+    return groups
+
+
+def _group_name(layers: list[_Layer]) -> str:
+    """``model.layers.0.self_attn.q_proj`` and ``...k_proj`` -> ``model_layers_0_self_attn_q_proj_k_proj``."""
+    names = [layer.match.name.split(".") for layer in layers]
+    common = 0
+    while all(len(n) > common + 1 and n[common] == names[0][common] for n in names):
+        common += 1
+    return _safe(".".join(names[0][:common] + [".".join(n[common:]) for n in names]))
+
+
 def rewrite_linears(
-    gm: fx.GraphModule, *, scheme: str = "nvfp4", skip=("lm_head",), fake_mode=None, cache: WeightCache = WEIGHT_CACHE
+    gm: fx.GraphModule, *, scheme: str = "nvfp4", skip=("lm_head",), fake_mode=None, cache: WeightCache = WEIGHT_CACHE,
+    group: bool = True,
 ) -> tuple[RewriteReport, list[Embedded]]:
     """Rewrite every quantizable linear of ``gm`` in place; return the report and the embedded constants.
 
     ``scheme`` applies to float weights; an NVFP4Linear keeps the scheme it was calibrated for. ``skip`` holds
     glob patterns matched against layer names (``lm_head``, ``*.attn.*``): those layers stay in high precision.
+    With ``group``, linears that read the same activation (q/k/v, gate/up) become one GEMM op over their weights,
+    which the kernels run as one launch.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     report, embedded, emit = RewriteReport(), [], _Emitter(gm, fake_mode)
-    replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its GEMM, for a layer that reads it directly
+    layers = []
     for m in find_linears(gm):
-        linear_input = m.x  # the GEMM that replaces a linear carries no fake value; the linear did
-        if m.x in replaced:
-            m = replace(m, x=replaced[m.x])
-        node = m.node
         weight = stored_tensor(m.weight)
         shape = None if weight is None else tuple(weight.t().shape if m.weight_kn else weight.shape)
         if m.prepacked:
-            layer_scheme = node.args[6]
+            layer_scheme = m.node.args[6]
             shape = (shape[0], shape[1] * 2) if shape else None
         else:
             layer_scheme = scheme
         reason = m.skip_reason or (f"matches skip pattern in {tuple(skip)}" if matches_skip(m.name, skip) else None)
-        if reason is None and m.prepacked and any(stored_tensor(a) is None for a in node.args[1:4]):
+        if reason is None and m.prepacked and any(stored_tensor(a) is None for a in m.node.args[1:4]):
             reason = "packed weight is computed at run time, not a buffer"
-        report.layers.append(LayerDecision(m.name, _op_name(node), shape, layer_scheme, reason))
-        if reason is not None:
-            continue
-        g, prefix = gm.graph, _safe(m.name)
-        with g.inserting_before(node):
-            w_packed, w_scales, w_pts = _weight_constants(emit, m, cache, embedded)
-            if layer_scheme == "nvfp4a16":
-                args = (m.x, w_packed, w_scales, w_pts, m.bias)
-                out = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
-            else:
-                a = _quantized_activation(g, emit, m, embedded, prefix)
-                args = (*a, w_packed, w_scales, w_pts, m.bias, _out_dtype(linear_input))
-                out = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")
-        out.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-        node.replace_all_uses_with(out)
-        replaced[node] = out
-        rhs = node.args[2] if node.target in ADDMM_TARGETS else node.args[1]
-        gm.graph.erase_node(node)
-        if rhs is not m.weight and isinstance(rhs, fx.Node) and not rhs.users:  # the transpose only it used
-            gm.graph.erase_node(rhs)
+        decision = LayerDecision(m.name, _op_name(m.node), shape, layer_scheme, reason)
+        report.layers.append(decision)
+        if reason is None:
+            layers.append(_Layer(m, decision))
+
+    replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its output, for a layer that reads it directly
+    for members in _groups(layers, group):
+        if len(members) > 1:
+            for layer in members:
+                layer.decision.group = tuple(member.match.name for member in members)
+        _rewrite_group(gm, emit, members, replaced, cache, embedded)
     gm.graph.lint()
     gm.recompile()
     return report, embedded
+
+
+def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, embedded) -> None:
+    """One GEMM op for ``members`` (linears over one activation), inserted before the first of them; each
+    member's uses then read its output of the op."""
+    g, first = gm.graph, members[0].match
+    x = replaced.get(first.x, first.x)
+    prefix = _group_name(members)
+    with g.inserting_before(first.node):
+        weights = [_weight_constants(emit, layer.match, cache, embedded) for layer in members]
+        w_packed, w_scales, w_pts = (list(part) for part in zip(*weights))
+        biases = [layer.match.bias for layer in members]
+        if members[0].scheme == "nvfp4a16":
+            args = (x, w_packed, w_scales, w_pts, biases)
+            gemm = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
+        else:
+            a = _quantized_activation(g, emit, first, x, embedded, prefix)
+            args = (*a, w_packed, w_scales, w_pts, biases, _out_dtype(first.x))
+            gemm = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")
+        outs = [g.create_node("call_function", operator.getitem, (gemm, i), name=f"{_safe(layer.match.name)}_out")
+                for i, layer in enumerate(members)]
+    gemm.meta.update({k: v for k, v in first.node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    for layer, out in zip(members, outs):
+        node = layer.match.node
+        node.replace_all_uses_with(out)
+        replaced[node] = out
+        rhs = node.args[2] if node.target in ADDMM_TARGETS else node.args[1]
+        g.erase_node(node)
+        if rhs is not layer.match.weight and isinstance(rhs, fx.Node) and not rhs.users:  # the transpose only it used
+            g.erase_node(rhs)

@@ -36,6 +36,19 @@ class RMSNormLinear(nn.Module):
         return self.proj(h)
 
 
+class Attention(nn.Module):
+    """q/k/v with biases (Qwen2's form) and a gate/up pair: two groups of linears over one activation each."""
+
+    def __init__(self, d=64, kv=64, ff=128):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
+        self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d)
+
+    def forward(self, x):
+        h = x + torch.tanh(self.q(x)) * self.k(x) - self.v(x)
+        return h + self.down(torch.relu(self.gate(h)) * self.up(h))
+
+
 def emulate_mlp(m: MLP, x: torch.Tensor, scheme: str = "nvfp4") -> torch.Tensor:
     """The eager meaning of the rewrite: quantize, dequantize, fp32 matmul, cast back, layer by layer."""
 
@@ -251,12 +264,33 @@ def test_options_split_between_fp4_and_inductor():
     assert BackendOptions.parse(None, "reduce-overhead").inductor["triton.cudagraphs"] is True
     with pytest.raises(ValueError, match="unknown scheme 'fp8'"):
         BackendOptions.parse({"scheme": "fp8"}, None)
+    assert BackendOptions.parse({"group": False}, None).group is False
+    with pytest.raises(ValueError, match="'group' must be True or False"):
+        BackendOptions.parse({"group": "yes"}, None)
 
 
 def test_unknown_inductor_option_is_an_error():
     with pytest.raises(Exception, match="no_such_option"):
         with torch.no_grad():
             compile_fp4(MLP(), no_such_option=1)(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("plan", ["kernel", "dequantize"])
+@pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
+def test_grouped_linears_compute_what_separate_ones_do(monkeypatch, scheme, plan):
+    """q/k/v and gate/up as one GEMM op each give the numbers of one op per linear, in the reference plan (CPU)
+    and in the CUDA multi-row plan forced onto the CPU."""
+    import fp4compile.ops
+
+    monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x: plan)
+    torch.manual_seed(0)
+    model, x = Attention().to(torch.bfloat16), torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    reports = []
+    with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
+        grouped = compile_fp4(model, scheme=scheme, report=reports)(x)
+        separate = compile_fp4(model, scheme=scheme, group=False)(x)
+    assert reports[0].groups == [("q", "k", "v"), ("gate", "up")]
+    assert torch.equal(grouped, separate)
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])

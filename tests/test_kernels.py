@@ -109,6 +109,45 @@ def test_every_bit_pattern(op, m):
     run_case(op, m, 48, 96, torch.bfloat16, False, raw=True)
 
 
+GROUP_SHAPES = {"aligned": (64, 128, 100), "pair": (64, 37), "unaligned": (48, 64)}
+
+
+@pytest.mark.parametrize("shapes", GROUP_SHAPES.values(), ids=GROUP_SHAPES.keys())
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no-bias"))
+@pytest.mark.parametrize("m", (1, 3, 17, 130))
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_group_launch(op, m, with_bias, shapes):
+    """Several weights over one activation (q/k/v): one launch when each weight but the last has a multiple of
+    GROUP_ALIGN outputs, one launch per weight otherwise; every output against its own reference."""
+    k = 48
+    weights = [random_nvfp4(n, k) for n in shapes]
+    biases = [(torch.randn(n) * 3).bfloat16().to(DEVICE) for n in shapes] if with_bias else None
+    outs = [torch.full((m, n), float("nan"), device=DEVICE) for n in shapes]
+    if op == "a16":
+        x = (torch.randn(m, k) * 4).bfloat16().to(DEVICE)
+        a64 = x.cpu().double()
+        triton_gemm.gemm_a16_group(x, weights, biases, torch.float32, outs)
+    else:
+        a = random_nvfp4(m, k)
+        a64 = dequant64(*a)
+        triton_gemm.gemm_group(*a, weights, biases, torch.float32, outs)
+    for i, (w, out) in enumerate(zip(weights, outs)):
+        ref = a64 @ dequant64(*w).t() + (biases[i].cpu().double() if with_bias else 0.0)
+        check(out, ref, out, torch.float32)
+
+
+def test_group_with_and_without_bias_runs_weight_by_weight():
+    """A group where only some weights have a bias (the pass never builds one, the ops accept it) gives each
+    weight's own result."""
+    weights = [random_nvfp4(64, 32), random_nvfp4(16, 32)]
+    bias = torch.randn(64).bfloat16().to(DEVICE)
+    x = torch.randn(3, 32).bfloat16().to(DEVICE)
+    outs = kernels.gemm_a16(x, *(list(part) for part in zip(*weights)), [bias, None])
+    for w, b, out in zip(weights, (bias, None), outs):
+        expect = nvfp4.reference_gemm(x.cpu(), *(t.cpu() for t in w), None if b is None else b.cpu(), torch.float32)
+        torch.testing.assert_close(out.cpu().float(), expect, rtol=2**-8, atol=1e-3)
+
+
 @pytest.mark.parametrize("m", (1, 20))
 def test_awkward_activations(m):
     """Zeros, tiny and huge activations, and exact ties of the bf16 grid."""
@@ -138,7 +177,7 @@ def test_every_config(kernel, op):
             ref = dequant64(*a) @ dequant64(*w).t()
         for config in configs:
             out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-            launch(*a, *w, None, out, config=config)
+            launch(*a, [w], None, [out], config=config)
             err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
             assert not out.isnan().any() and err < 2**-7, f"config {config}, M={m}: relative error {err:.2e}"
 
@@ -175,20 +214,22 @@ def test_autotune_times_configs_in_graphs(monkeypatch):
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
 def test_mma_split_k(op, config):
     """The tensor-core kernel with K unsplit, split unevenly (two chunks of 64 per step), and split more ways than
-    it has K steps, with the activation read in place or reordered first; K is never a whole number of steps."""
+    it has K steps, with the activation read in place or reordered first; K is never a whole number of steps.
+    Each problem is a group of two weights (64 and N outputs), so the split partials cover both."""
     for m, n, k in ((1, 16, 16), (7, 48, 96), (16, 100, 160)):
-        w = random_nvfp4(n, k)
-        bias = torch.randn(n).bfloat16().to(DEVICE)
-        out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float32)
+        weights = [random_nvfp4(64, k), random_nvfp4(n, k)]
+        biases = [torch.randn(w[0].shape[0]).bfloat16().to(DEVICE) for w in weights]
+        outs = [torch.full((m, w[0].shape[0]), float("nan"), device=DEVICE, dtype=torch.float32) for w in weights]
         if op == "a16":
             x = (torch.randn(m, k) * 4).bfloat16().to(DEVICE)
-            triton_gemm.launch_mma(x, None, None, *w, bias, out, config=config)
-            ref = x.cpu().double() @ dequant64(*w).t()
+            triton_gemm.launch_mma(x, None, None, weights, biases, outs, config=config)
+            a64 = x.cpu().double()
         else:
             a = random_nvfp4(m, k)
-            triton_gemm.launch_mma(*a, *w, bias, out, config=config)
-            ref = dequant64(*a) @ dequant64(*w).t()
-        check(out, ref + bias.cpu().double(), out, torch.float32)
+            triton_gemm.launch_mma(*a, weights, biases, outs, config=config)
+            a64 = dequant64(*a)
+        for w, bias, out in zip(weights, biases, outs):
+            check(out, a64 @ dequant64(*w).t() + bias.cpu().double(), out, torch.float32)
 
 
 @gpu_only
@@ -196,12 +237,12 @@ def test_ops_dispatch_leading_dims():
     """The custom ops on CUDA reach the kernels, with leading dims flattened and restored."""
     w = random_nvfp4(64, 128)
     x = torch.randn(2, 3, 128, device=DEVICE).bfloat16()
-    out = torch.ops.fp4.gemm_a16(x, *w, None)
+    out, = torch.ops.fp4.gemm_a16(x, *([t] for t in w), [None])
     ref = nvfp4.reference_gemm(x.cpu(), *(t.cpu() for t in w), None, torch.float32).to(DEVICE)
     assert out.shape == (2, 3, 64) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
     a = torch.ops.fp4.quantize_act(x, None)
-    out = torch.ops.fp4.gemm(*a, *w, None, torch.float16)
+    out, = torch.ops.fp4.gemm(*a, *([t] for t in w), [None], torch.float16)
     ref = nvfp4.reference_gemm(nvfp4.dequantize_parts(*(t.cpu() for t in a)), *(t.cpu() for t in w), None,
                                torch.float32).to(DEVICE)
     assert out.shape == (2, 3, 64) and out.dtype == torch.float16
@@ -232,11 +273,12 @@ def test_dequantize_kernel_is_exact(dtype):
 
 def test_fallback_logs_reason_once(caplog):
     """Inputs the kernels cannot take run the reference, and the reason is logged once."""
+    kernels._fallback_notice.cache_clear()  # earlier tests may have logged the same reason
     w = random_nvfp4(32, 64)
     x = torch.randn(4, 64)  # fp32 activation (and, without a GPU, a CPU tensor)
     with caplog.at_level(logging.WARNING, logger="fp4compile.kernels"):
-        out = kernels.gemm_a16(x.to(DEVICE), *w, None)
-        kernels.gemm_a16(x.to(DEVICE), *w, None)
+        out, = kernels.gemm_a16(x.to(DEVICE), *([t] for t in w), [None])
+        kernels.gemm_a16(x.to(DEVICE), *([t] for t in w), [None])
     # the same reference on the same device (an fp32 matmul on a GPU may sum in another order than on the CPU)
     torch.testing.assert_close(out, nvfp4.reference_gemm(x.to(DEVICE), *w, None, torch.float32), rtol=0, atol=0)
     reasons = [r.getMessage() for r in caplog.records]

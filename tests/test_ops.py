@@ -21,8 +21,12 @@ def test_opcheck_every_op(dtype):
     torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, None))
     torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, torch.tensor(0.01)))
     torch.library.opcheck(torch.ops.fp4.quantize_blocks.default, (x, torch.tensor(0.01)))
-    torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, wp, ws, wpts, bias, dtype))
-    torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, wp, ws, wpts, None))
+    torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, [wp], [ws], [wpts], [bias], dtype))
+    torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, [wp], [ws], [wpts], [None]))
+    wp2, ws2, wpts2 = _weight(n=16, seed=1)
+    group = ([wp, wp2], [ws, ws2], [wpts, wpts2], [bias, bias[:16]])
+    torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, *group, dtype))
+    torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, *group))
     for scheme in ("nvfp4", "nvfp4a16"):
         torch.library.opcheck(torch.ops.fp4.linear.default, (x, wp, ws, wpts, bias, None, scheme))
 
@@ -40,9 +44,9 @@ def test_gemm_is_the_dequantized_fp32_product():
     x, w, b = torch.randn(4, 64), torch.randn(32, 64), torch.randn(32)
     wp, ws, wpts = _weight()
     w = nvfp4.dequantize_parts(wp, ws, wpts)
-    out = torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x), wp, ws, wpts, b, torch.float32)
+    out, = torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x), [wp], [ws], [wpts], [b], torch.float32)
     assert torch.equal(out, nvfp4.fake_quantize(x) @ w.t() + b)
-    out16 = torch.ops.fp4.gemm_a16(x.bfloat16(), wp, ws, wpts, None)
+    out16, = torch.ops.fp4.gemm_a16(x.bfloat16(), [wp], [ws], [wpts], [None])
     assert out16.dtype == torch.bfloat16
     assert torch.equal(out16, (x.bfloat16().float() @ w.t()).bfloat16())
 

@@ -38,6 +38,20 @@ class QKV(nn.Module):
         return self.q(x), self.k(x), self.v(x)
 
 
+class Block(nn.Module):
+    """A transformer block's linears: q/k/v and gate/up each read one activation; o and down read their own."""
+
+    def __init__(self, d=64, kv=64, ff=128):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False), nn.Linear(d, kv, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d, bias=False)
+
+    def forward(self, x):
+        h = x + self.o(self.q(x) * self.k(x) + self.v(x))
+        return h + self.down(torch.relu(self.gate(h)) * self.up(h))
+
+
 class Conv1D(nn.Module):
     """GPT-2's projection: the weight is stored [K, N] and applied as addmm(b, x, W)."""
 
@@ -67,8 +81,10 @@ class GraphModule(torch.nn.Module):
         fc_act_scales = fc_act[1]
         fc_act_pts = fc_act[2];  fc_act = None
 
-        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, fp4_fc_packed, fp4_fc_scales, fp4_fc_pts, None, torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = None
-        return (fc_gemm,)
+        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [None], torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = None
+
+        fc_out = fc_gemm[0];  fc_gemm = None
+        return (fc_out,)
 """)
 
     def test_linear_with_bias_on_3d_input(self):
@@ -88,8 +104,10 @@ class GraphModule(torch.nn.Module):
         fc_act_scales = fc_act[1]
         fc_act_pts = fc_act[2];  fc_act = None
 
-        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, fp4_fc_packed, fp4_fc_scales, fp4_fc_pts, l_self_modules_fc_parameters_bias_, torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
-        return (fc_gemm,)
+        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [l_self_modules_fc_parameters_bias_], torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
+
+        fc_out = fc_gemm[0];  fc_gemm = None
+        return (fc_out,)
 """)
 
     def test_mlp(self):
@@ -111,8 +129,11 @@ class GraphModule(torch.nn.Module):
         up_act_scales = up_act[1]
         up_act_pts = up_act[2];  up_act = None
 
-        up_gemm = torch.ops.fp4.gemm.default(up_act_packed, up_act_scales, up_act_pts, fp4_up_packed, fp4_up_scales, fp4_up_pts, l_self_modules_up_parameters_bias_, torch.float32);  up_act_packed = up_act_scales = up_act_pts = fp4_up_packed = fp4_up_scales = fp4_up_pts = l_self_modules_up_parameters_bias_ = None
-        relu: "f32[4, 64]" = torch.relu(up_gemm);  up_gemm = None
+        up_gemm = torch.ops.fp4.gemm.default(up_act_packed, up_act_scales, up_act_pts, [fp4_up_packed], [fp4_up_scales], [fp4_up_pts], [l_self_modules_up_parameters_bias_], torch.float32);  up_act_packed = up_act_scales = up_act_pts = fp4_up_packed = fp4_up_scales = fp4_up_pts = l_self_modules_up_parameters_bias_ = None
+
+        up_out = up_gemm[0];  up_gemm = None
+
+        relu: "f32[4, 64]" = torch.relu(up_out);  up_out = None
 
         fp4_down_packed: "u8[32, 32]" = self.fp4_down_packed
         fp4_down_scales: "u8[32, 4]" = self.fp4_down_scales
@@ -122,8 +143,10 @@ class GraphModule(torch.nn.Module):
         down_act_scales = down_act[1]
         down_act_pts = down_act[2];  down_act = None
 
-        down_gemm = torch.ops.fp4.gemm.default(down_act_packed, down_act_scales, down_act_pts, fp4_down_packed, fp4_down_scales, fp4_down_pts, l_self_modules_down_parameters_bias_, torch.float32);  down_act_packed = down_act_scales = down_act_pts = fp4_down_packed = fp4_down_scales = fp4_down_pts = l_self_modules_down_parameters_bias_ = None
-        return (down_gemm,)
+        down_gemm = torch.ops.fp4.gemm.default(down_act_packed, down_act_scales, down_act_pts, [fp4_down_packed], [fp4_down_scales], [fp4_down_pts], [l_self_modules_down_parameters_bias_], torch.float32);  down_act_packed = down_act_scales = down_act_pts = fp4_down_packed = fp4_down_scales = fp4_down_pts = l_self_modules_down_parameters_bias_ = None
+
+        down_out = down_gemm[0];  down_gemm = None
+        return (down_out,)
 """)
 
     def test_qkv_share_one_input(self):
@@ -146,20 +169,95 @@ class GraphModule(torch.nn.Module):
         q_act_scales = q_act[1]
         q_act_pts = q_act[2];  q_act = None
 
-        q_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, fp4_q_packed, fp4_q_scales, fp4_q_pts, None, torch.float32);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
+        q_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, [fp4_q_packed], [fp4_q_scales], [fp4_q_pts], [None], torch.float32);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
 
+        q_out = q_gemm[0];  q_gemm = None
         fp4_k_packed: "u8[16, 16]" = self.fp4_k_packed
         fp4_k_scales: "u8[16, 2]" = self.fp4_k_scales
         fp4_k_pts: "f32[]" = self.fp4_k_pts
 
-        k_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, fp4_k_packed, fp4_k_scales, fp4_k_pts, None, torch.float32);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
+        k_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, [fp4_k_packed], [fp4_k_scales], [fp4_k_pts], [None], torch.float32);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
 
+        k_out = k_gemm[0];  k_gemm = None
         fp4_v_packed: "u8[16, 16]" = self.fp4_v_packed
         fp4_v_scales: "u8[16, 2]" = self.fp4_v_scales
         fp4_v_pts: "f32[]" = self.fp4_v_pts
 
-        v_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, fp4_v_packed, fp4_v_scales, fp4_v_pts, l_self_modules_v_parameters_bias_, torch.float32);  q_act_packed = q_act_scales = q_act_pts = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
-        return (q_gemm, k_gemm, v_gemm)
+        v_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, [fp4_v_packed], [fp4_v_scales], [fp4_v_pts], [l_self_modules_v_parameters_bias_], torch.float32);  q_act_packed = q_act_scales = q_act_pts = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
+
+        v_out = v_gemm[0];  v_gemm = None
+        return (q_out, k_out, v_out)
+""")
+
+    def test_qkv_and_gate_up_run_as_one_gemm_each(self):
+        graph, report, _ = rewrite(Block(), torch.randn(4, 64), scheme="nvfp4a16")
+        self.assertEqual(report.groups, [("q", "k", "v"), ("gate", "up")])
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_self_modules_q_parameters_weight_: "f32[64, 64]", L_x_: "f32[4, 64]", L_self_modules_k_parameters_weight_: "f32[64, 64]", L_self_modules_v_parameters_weight_: "f32[64, 64]", L_self_modules_o_parameters_weight_: "f32[64, 64]", L_self_modules_gate_parameters_weight_: "f32[128, 64]", L_self_modules_up_parameters_weight_: "f32[128, 64]", L_self_modules_down_parameters_weight_: "f32[64, 128]"):
+        l_self_modules_q_parameters_weight_ = L_self_modules_q_parameters_weight_
+        l_x_ = L_x_
+        l_self_modules_k_parameters_weight_ = L_self_modules_k_parameters_weight_
+        l_self_modules_v_parameters_weight_ = L_self_modules_v_parameters_weight_
+        l_self_modules_o_parameters_weight_ = L_self_modules_o_parameters_weight_
+        l_self_modules_gate_parameters_weight_ = L_self_modules_gate_parameters_weight_
+        l_self_modules_up_parameters_weight_ = L_self_modules_up_parameters_weight_
+        l_self_modules_down_parameters_weight_ = L_self_modules_down_parameters_weight_
+
+        fp4_q_packed: "u8[64, 32]" = self.fp4_q_packed
+        fp4_q_scales: "u8[64, 4]" = self.fp4_q_scales
+        fp4_q_pts: "f32[]" = self.fp4_q_pts
+        fp4_k_packed: "u8[64, 32]" = self.fp4_k_packed
+        fp4_k_scales: "u8[64, 4]" = self.fp4_k_scales
+        fp4_k_pts: "f32[]" = self.fp4_k_pts
+        fp4_v_packed: "u8[64, 32]" = self.fp4_v_packed
+        fp4_v_scales: "u8[64, 4]" = self.fp4_v_scales
+        fp4_v_pts: "f32[]" = self.fp4_v_pts
+
+        q_k_v_gemm = torch.ops.fp4.gemm_a16.default(l_x_, [fp4_q_packed, fp4_k_packed, fp4_v_packed], [fp4_q_scales, fp4_k_scales, fp4_v_scales], [fp4_q_pts, fp4_k_pts, fp4_v_pts], [None, None, None]);  fp4_q_packed = fp4_k_packed = fp4_v_packed = fp4_q_scales = fp4_k_scales = fp4_v_scales = fp4_q_pts = fp4_k_pts = fp4_v_pts = None
+
+        q_out = q_k_v_gemm[0]
+        k_out = q_k_v_gemm[1]
+        v_out = q_k_v_gemm[2];  q_k_v_gemm = None
+
+        mul: "f32[4, 64]" = q_out * k_out;  q_out = k_out = None
+        add: "f32[4, 64]" = mul + v_out;  mul = v_out = None
+
+        fp4_o_packed: "u8[64, 32]" = self.fp4_o_packed
+        fp4_o_scales: "u8[64, 4]" = self.fp4_o_scales
+        fp4_o_pts: "f32[]" = self.fp4_o_pts
+
+        o_gemm = torch.ops.fp4.gemm_a16.default(add, [fp4_o_packed], [fp4_o_scales], [fp4_o_pts], [None]);  add = fp4_o_packed = fp4_o_scales = fp4_o_pts = None
+
+        o_out = o_gemm[0];  o_gemm = None
+
+        h: "f32[4, 64]" = l_x_ + o_out;  l_x_ = o_out = None
+
+        fp4_gate_packed: "u8[128, 32]" = self.fp4_gate_packed
+        fp4_gate_scales: "u8[128, 4]" = self.fp4_gate_scales
+        fp4_gate_pts: "f32[]" = self.fp4_gate_pts
+        fp4_up_packed: "u8[128, 32]" = self.fp4_up_packed
+        fp4_up_scales: "u8[128, 4]" = self.fp4_up_scales
+        fp4_up_pts: "f32[]" = self.fp4_up_pts
+
+        gate_up_gemm = torch.ops.fp4.gemm_a16.default(h, [fp4_gate_packed, fp4_up_packed], [fp4_gate_scales, fp4_up_scales], [fp4_gate_pts, fp4_up_pts], [None, None]);  fp4_gate_packed = fp4_up_packed = fp4_gate_scales = fp4_up_scales = fp4_gate_pts = fp4_up_pts = None
+
+        gate_out = gate_up_gemm[0]
+        up_out = gate_up_gemm[1];  gate_up_gemm = None
+
+        relu: "f32[4, 128]" = torch.relu(gate_out);  gate_out = None
+        mul_1: "f32[4, 128]" = relu * up_out;  relu = up_out = None
+
+        fp4_down_packed: "u8[64, 64]" = self.fp4_down_packed
+        fp4_down_scales: "u8[64, 8]" = self.fp4_down_scales
+        fp4_down_pts: "f32[]" = self.fp4_down_pts
+
+        down_gemm = torch.ops.fp4.gemm_a16.default(mul_1, [fp4_down_packed], [fp4_down_scales], [fp4_down_pts], [None]);  mul_1 = fp4_down_packed = fp4_down_scales = fp4_down_pts = None
+
+        down_out = down_gemm[0];  down_gemm = None
+
+        add_2: "f32[4, 64]" = h + down_out;  h = down_out = None
+        return (add_2,)
 """)
 
     def test_gpt2_conv1d_addmm_with_kn_weight(self):
@@ -182,8 +280,11 @@ class GraphModule(torch.nn.Module):
         weight_act_scales = weight_act[1]
         weight_act_pts = weight_act[2];  weight_act = None
 
-        weight_gemm = torch.ops.fp4.gemm.default(weight_act_packed, weight_act_scales, weight_act_pts, fp4_weight_packed, fp4_weight_scales, fp4_weight_pts, l_self_parameters_bias_, torch.float32);  weight_act_packed = weight_act_scales = weight_act_pts = fp4_weight_packed = fp4_weight_scales = fp4_weight_pts = l_self_parameters_bias_ = None
-        view_1: "f32[2, 3, 48]" = weight_gemm.view(2, 3, -1);  weight_gemm = None
+        weight_gemm = torch.ops.fp4.gemm.default(weight_act_packed, weight_act_scales, weight_act_pts, [fp4_weight_packed], [fp4_weight_scales], [fp4_weight_pts], [l_self_parameters_bias_], torch.float32);  weight_act_packed = weight_act_scales = weight_act_pts = fp4_weight_packed = fp4_weight_scales = fp4_weight_pts = l_self_parameters_bias_ = None
+
+        weight_out = weight_gemm[0];  weight_gemm = None
+
+        view_1: "f32[2, 3, 48]" = weight_out.view(2, 3, -1);  weight_out = None
         return (view_1,)
 """)
 
@@ -213,8 +314,10 @@ class GraphModule(torch.nn.Module):
         fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
         fp4_fc_pts: "f32[]" = self.fp4_fc_pts
 
-        fc_gemm = torch.ops.fp4.gemm_a16.default(l_x_, fp4_fc_packed, fp4_fc_scales, fp4_fc_pts, l_self_modules_fc_parameters_bias_);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
-        return (fc_gemm,)
+        fc_gemm = torch.ops.fp4.gemm_a16.default(l_x_, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [l_self_modules_fc_parameters_bias_]);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
+
+        fc_out = fc_gemm[0];  fc_gemm = None
+        return (fc_out,)
 """)
 
     def test_calibrated_layer_embeds_its_packed_buffers(self):
@@ -240,8 +343,10 @@ class GraphModule(torch.nn.Module):
         _0_act_scales = _0_act[1]
         _0_act_pts = _0_act[2];  _0_act = None
 
-        _0_gemm = torch.ops.fp4.gemm.default(_0_act_packed, _0_act_scales, _0_act_pts, fp4_0_packed, fp4_0_scales, fp4_0_pts, l_fn_modules_0_parameters_bias_, torch.float32);  _0_act_packed = _0_act_scales = _0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
-        return (_0_gemm,)
+        _0_gemm = torch.ops.fp4.gemm.default(_0_act_packed, _0_act_scales, _0_act_pts, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [l_fn_modules_0_parameters_bias_], torch.float32);  _0_act_packed = _0_act_scales = _0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
+
+        _0_out = _0_gemm[0];  _0_gemm = None
+        return (_0_out,)
 """)
 
 
@@ -323,6 +428,26 @@ class TestMatching(TestCase):
         _, report, _ = rewrite(QKV(), torch.randn(4, 32), skip=("k", "v*"))
         self.assertEqual([d.name for d in report.rewritten], ["q"])
         self.assertIn("skip pattern", report.skipped[0].reason)
+
+    def test_group_rules(self):
+        """One launch per group of layers with one activation, scheme and K, all with a bias or none, each but the
+        last with a multiple of GROUP_ALIGN outputs, at most MAX_GROUP; ``group=False`` keeps one GEMM each."""
+        self.assertEqual(rewrite(QKV(), torch.randn(4, 32)).report.groups, [])  # q has 32 outputs, v a bias
+        self.assertEqual(rewrite(Block(), torch.randn(4, 64), group=False).report.groups, [])
+
+        class Wide(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fcs = nn.ModuleList(nn.Linear(32, n, bias=b) for n, b in
+                                         ((64, True), (64, True), (64, True), (64, True), (16, True), (64, True),
+                                          (64, False), (64, False)))
+
+            def forward(self, x):
+                return [fc(x) for fc in self.fcs]
+
+        _, report, _ = rewrite(Wide(), torch.randn(4, 32))
+        self.assertEqual(report.groups, [("fcs.0", "fcs.1", "fcs.2"), ("fcs.3", "fcs.4"), ("fcs.6", "fcs.7")])
+        self.assertIn("nvfp4, group of 3", str(report))
 
     def test_unsupported_dtype_is_skipped_with_reason(self):
         model = One().double()

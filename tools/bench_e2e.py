@@ -11,7 +11,9 @@ prefill tokens/s (batch 1, ``--prefill-tokens`` tokens, compiled forward), decod
 ``options={"triton.cudagraphs": True}``), compile seconds (first call minus a timed call), peak memory, and
 weight memory (bytes the configuration's weights need: packed values + block scales + global scale for each
 rewritten layer, the model's own bytes for the rest). The model keeps its bf16 weights beside the packed ones,
-so peak memory counts both. Results go to JSON after every measurement; a table is printed last.
+so peak memory counts both. Results go to JSON after every measurement; a table is printed last. The
+``-ungrouped`` configurations turn off the backend's grouping of q/k/v and gate/up into one GEMM launch each, for an
+A/B of that.
 """
 
 import argparse
@@ -32,7 +34,9 @@ import fp4compile  # noqa: E402  (registers backend="fp4")
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.__main__ import compile_config, time_decode, time_prefill  # noqa: E402
 
-CONFIGS = {"bf16": None, "nvfp4a16": "nvfp4a16", "nvfp4": "nvfp4"}  # name -> fp4 scheme (None: plain compile)
+# name -> (fp4 scheme or None for a plain compile, group linears that share an input)
+CONFIGS = {"bf16": (None, True), "nvfp4a16": ("nvfp4a16", True), "nvfp4": ("nvfp4", True),
+           "nvfp4a16-ungrouped": ("nvfp4a16", False), "nvfp4-ungrouped": ("nvfp4", False)}
 
 MODELS = {
     "llama3-8b-shapes": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -87,7 +91,7 @@ def peak_memory(device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def bench_config(model, scheme: str | None, args, device) -> dict:
+def bench_config(model, scheme: str | None, group: bool, args, device) -> dict:
     """Every measurement of one configuration; Dynamo is reset first so earlier graphs cannot be reused."""
     torch._dynamo.reset()
     held = reset_memory(device)
@@ -95,7 +99,8 @@ def bench_config(model, scheme: str | None, args, device) -> dict:
     if scheme is None:
         prefill_model = torch.compile(model)
     else:
-        prefill_model = torch.compile(model, backend="fp4", options={"scheme": scheme, "report": report})
+        options = {"scheme": scheme, "group": group, "report": report}
+        prefill_model = torch.compile(model, backend="fp4", options=options)
     prefill = time_prefill(prefill_model, 1, args.prefill_tokens, model.config.vocab_size, device, args.reps)
     out = {"prefill_tokens_per_s": args.prefill_tokens / prefill.median_s,
            "prefill_compile_s": prefill.first_s - prefill.median_s,
@@ -104,7 +109,7 @@ def bench_config(model, scheme: str | None, args, device) -> dict:
     backend_name = "inductor" if scheme is None else "fp4"
     cudagraphs = device.type == "cuda"
     for batch in args.batches:
-        config = compile_config(backend_name, scheme, device, cudagraphs)
+        config = compile_config(backend_name, scheme, device, cudagraphs, group)
         t = time_decode(model, batch, args.prompt_len, args.new_tokens, config, device, args.reps)
         out[f"decode_b{batch}_tokens_per_s"] = batch * t.decode_steps / t.decode_s
         out[f"decode_b{batch}_compile_s"] = t.first_s - t.generate_s
@@ -138,7 +143,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--layers", type=int, default=4, help="layers of the Llama-3-8B-shaped model")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default="bf16,nvfp4a16,nvfp4", help=f"of {', '.join(CONFIGS)}")
     p.add_argument("--prefill-tokens", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=32, help="prompt of the decode runs")
     p.add_argument("--new-tokens", type=int, default=256)
@@ -167,14 +172,14 @@ def main() -> None:
                 print(f"budget spent: skipping {name} {config}", flush=True)
                 continue
             t0 = time.perf_counter()
-            scheme = CONFIGS[config]
+            scheme, group = CONFIGS[config]
             if args.convert and scheme is not None:
                 converted = copy.deepcopy(model)
                 fp4compile.quantize_model(converted, scheme=scheme)
-                results[name][config] = bench_config(converted, scheme, args, device)
+                results[name][config] = bench_config(converted, scheme, group, args, device)
                 del converted
             else:
-                results[name][config] = bench_config(model, scheme, args, device)
+                results[name][config] = bench_config(model, scheme, group, args, device)
             print(f"{name} {config}: {results[name][config]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         del model

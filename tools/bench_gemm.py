@@ -127,9 +127,10 @@ def main() -> None:
     quant = torch.compile(lambda x: torch.ops.fp4.quantize_act(x, None), dynamic=False)
     # The GEMMs as the fp4 backend runs them: Inductor compiles the ops' decompositions (the Triton kernels up to
     # 128 rows, dequantize + cuBLAS + fused epilogue above), with the weights as inputs.
-    a16_compiled = torch.compile(lambda x, *w: torch.ops.fp4.gemm_a16(x, *w, None), dynamic=False)
+    a16_compiled = torch.compile(lambda x, p, s, t: torch.ops.fp4.gemm_a16(x, [p], [s], [t], [None])[0], dynamic=False)
     w4a4_compiled = torch.compile(
-        lambda x, *w: torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x, None), *w, None, torch.bfloat16), dynamic=False)
+        lambda x, p, s, t: torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x, None), [p], [s], [t], [None],
+                                              torch.bfloat16)[0], dynamic=False)
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     result.update(ceilings())

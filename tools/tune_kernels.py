@@ -67,7 +67,7 @@ def main() -> None:
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ nvfp4.dequantize_parts(*packed).t()
             row = {"N": n, "K": k, "M": m, "bf16_us": graph_us([lambda w=w: F.linear(x, w) for w in bf16_copies])}
-            row["cublas_path_us"] = graph_us([lambda w=w: triton_gemm.launch_cublas(x, None, None, *w, None, out)
+            row["cublas_path_us"] = graph_us([lambda w=w: triton_gemm.launch_cublas(x, None, None, [w], None, [out])
                                               for w in fp4_copies])
             if m == 1:
                 configs, launch = GEMV_CANDIDATES, triton_gemm.launch_gemv
@@ -76,9 +76,9 @@ def main() -> None:
                 configs = [(bn, block_m, bk, split, warps, stages, order)
                            for bn, bk, split, warps, stages, order in MMA_CANDIDATES]
                 launch = triton_gemm.launch_mma
-            times = sweep(configs, lambda c: [lambda w=w: launch(x, None, None, *w, None, out, config=c)
+            times = sweep(configs, lambda c: [lambda w=w: launch(x, None, None, [w], None, [out], config=c)
                                               for w in fp4_copies])
-            launch(x, None, None, *packed, None, out, config=times[0][1])
+            launch(x, None, None, [packed], None, [out], config=times[0][1])
             row["err"] = ((out.float() - ref).norm() / ref.norm()).item()
             row["kernel_us"], row["config"] = times[0]
             row["top"] = [(round(t, 2), c) for t, c in times[:5]]

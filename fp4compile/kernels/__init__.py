@@ -1,7 +1,8 @@
 """GEMM kernels per device family; ``ops`` registers these as the CUDA implementations of its GEMM ops.
 
-Kernels know nothing of graphs. Each entry takes the same arguments as its op (see ``ops``), flattens leading
-dims to 2-D and picks a kernel by device:
+Kernels know nothing of graphs. Each entry takes the same arguments as its op (see ``ops``: lists of weights, one
+GEMM per weight over one activation, run as one launch where they form a group), flattens leading dims to 2-D and
+picks a kernel by device:
 
 - compute capability 8.x / 9.x: Triton kernels (``triton_gemm``): up to ``DIRECT_MAX_ROWS`` activation rows they
   read the packed weight and dequantize it in registers; above, an exact dequantize feeds cuBLAS;
@@ -23,6 +24,8 @@ from .. import format as nvfp4
 log = logging.getLogger(__name__)
 
 DIRECT_MAX_ROWS = 128  # GEMMs with at most this many rows read the packed weight directly (ops._gemm_plan)
+MAX_GROUP = 3  # weights per group launch (q/k/v)
+GROUP_ALIGN = 64  # output columns of every group member but the last: a multiple of every kernel's BLOCK_N
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _SCALE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 
@@ -62,7 +65,7 @@ def _device_index(device: torch.device) -> int:
 
 
 def _problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
-    """Why the fast kernels cannot take these inputs, or None."""
+    """Why the fast kernels cannot take these inputs (one weight of a group), or None."""
     if device.type != "cuda":
         return f"tensors are on {device.type}, the kernels run on CUDA"
     if any(t.device != device for t in tensors if t is not None):
@@ -77,55 +80,85 @@ def _problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
     return _family(_device_index(device))[1] or None
 
 
+def _group_problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
+    for member in zip(w_packed, w_scales, w_pts, bias):
+        reason = _problem(device, (*tensors, *member), *member)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _biases(bias: list) -> list | None:
+    return None if all(b is None for b in bias) else bias
+
+
+def _split_members(op, w_packed, w_scales, w_pts, bias) -> list | None:
+    """Run a group whose weights differ in having a bias one weight at a time (``op`` takes one-weight lists)."""
+    if _biases(bias) is None or all(b is not None for b in bias):
+        return None
+    return [op([p], [s], [t], [b])[0] for p, s, t, b in zip(w_packed, w_scales, w_pts, bias)]
+
+
 def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
-    """NVFP4 x NVFP4 on CUDA: ``[..., K/2]`` packed activation -> ``[..., N]`` of ``out_dtype``."""
-    lead, n = a_packed.shape[:-1], w_packed.shape[0]
-    tensors = (a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias)
-    reason = _problem(a_packed.device, tensors, w_packed, w_scales, w_pts, bias)
+    """NVFP4 x NVFP4 on CUDA: ``[..., K/2]`` packed activation times each weight of the lists ``w_packed``,
+    ``w_scales``, ``w_pts``, ``bias`` (one entry per weight, a bias may be None) -> a list of ``[..., N_i]`` of
+    ``out_dtype``."""
+    lead = a_packed.shape[:-1]
+    split = _split_members(lambda *w: gemm(a_packed, a_scales, a_pts, *w, out_dtype), w_packed, w_scales, w_pts,
+                           bias)
+    if split is not None:
+        return split
+    reason = _group_problem(a_packed.device, (a_packed, a_scales, a_pts), w_packed, w_scales, w_pts, bias)
     reason = reason or _layout_problem(a_packed, a_scales, a_pts, "activation")
     if reason is None and out_dtype not in (*_HALF_DTYPES, torch.float32):
         reason = f"output dtype {out_dtype} is not bf16, fp16 or fp32"
     if reason is not None:
         _fallback_notice(f"{reason}; running the slow exact reference")
         a = nvfp4.dequantize_parts(a_packed, a_scales, a_pts)
-        return nvfp4.reference_gemm(a, w_packed, w_scales, w_pts, bias, out_dtype)
+        return [nvfp4.reference_gemm(a, *w, out_dtype) for w in zip(w_packed, w_scales, w_pts, bias)]
     a2 = a_packed.reshape(-1, a_packed.shape[-1])
     s2 = a_scales.reshape(-1, a_scales.shape[-1]).view(torch.uint8)
     if a2.shape[0] == 0:
-        return a_packed.new_empty((*lead, n), dtype=out_dtype)
+        return [a_packed.new_empty((*lead, p.shape[0]), dtype=out_dtype) for p in w_packed]
     kind, _ = _family(_device_index(a_packed.device))
     if kind == "blackwell":
         from . import blackwell
 
-        problem = blackwell.unsupported(a2, w_packed)
+        problem = next(filter(None, (blackwell.unsupported(a2, p) for p in w_packed)), None)
         if problem is None:
-            out = blackwell.gemm(a2, s2, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
-            return out.reshape(*lead, n)
+            return [blackwell.gemm(a2, s2, a_pts, *w, out_dtype).reshape(*lead, -1)
+                    for w in zip(w_packed, w_scales, w_pts, bias)]
         _fallback_notice(f"{problem}; running the Triton kernel instead")
     from . import triton_gemm
 
-    out = triton_gemm.gemm(a2, s2, a_pts, w_packed, w_scales.view(torch.uint8), w_pts, bias, out_dtype)
-    return out.reshape(*lead, n)
+    weights = [(p, s.view(torch.uint8), t) for p, s, t in zip(w_packed, w_scales, w_pts)]
+    outs = triton_gemm.gemm_group(a2, s2, a_pts, weights, _biases(bias), out_dtype)
+    return [out.reshape(*lead, -1) for out in outs]
 
 
 def gemm_a16(x, w_packed, w_scales, w_pts, bias):
-    """bf16/fp16 ``[..., K]`` x NVFP4 on CUDA -> ``[..., N]`` of ``x.dtype``."""
-    lead, n = x.shape[:-1], w_packed.shape[0]
-    reason = _problem(x.device, (x, w_packed, w_scales, w_pts, bias), w_packed, w_scales, w_pts, bias)
+    """bf16/fp16 ``[..., K]`` times each weight of the lists (as for :func:`gemm`) -> a list of ``[..., N_i]`` of
+    ``x.dtype``."""
+    lead = x.shape[:-1]
+    split = _split_members(lambda *w: gemm_a16(x, *w), w_packed, w_scales, w_pts, bias)
+    if split is not None:
+        return split
+    reason = _group_problem(x.device, (x,), w_packed, w_scales, w_pts, bias)
     if reason is None and x.dtype not in _HALF_DTYPES:
         reason = f"activation dtype {x.dtype} is not bf16 or fp16"
-    if reason is None and x.shape[-1] != w_packed.shape[-1] * 2:
-        reason = f"activation K={x.shape[-1]} does not match the weight's K={w_packed.shape[-1] * 2}"
+    mismatch = next((p for p in w_packed if x.shape[-1] != p.shape[-1] * 2), None)
+    if reason is None and mismatch is not None:
+        reason = f"activation K={x.shape[-1]} does not match the weight's K={mismatch.shape[-1] * 2}"
     if reason is not None:
         _fallback_notice(f"{reason}; running the slow exact reference")
-        return nvfp4.reference_gemm(x, w_packed, w_scales, w_pts, bias, x.dtype)
+        return [nvfp4.reference_gemm(x, *w, x.dtype) for w in zip(w_packed, w_scales, w_pts, bias)]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
-        return x.new_empty((*lead, n))
+        return [x.new_empty((*lead, p.shape[0])) for p in w_packed]
     from . import triton_gemm
 
-    out = triton_gemm.gemm_a16(x2, w_packed, w_scales.view(torch.uint8), w_pts, bias)
-    return out.reshape(*lead, n)
+    weights = [(p, s.view(torch.uint8), t) for p, s, t in zip(w_packed, w_scales, w_pts)]
+    return [out.reshape(*lead, -1) for out in triton_gemm.gemm_a16_group(x2, weights, _biases(bias))]
 
 
 @functools.cache

@@ -20,6 +20,11 @@ as the MMA's left operand, K split across programs); above that ``_dequant_kerne
 ``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel``
 applies the global scales, bias and cast. Configurations come from short lists, timed in CUDA graphs on first
 use per key (tools/KERNEL_NOTES.md has the runs behind these choices).
+
+Groups: up to ``MAX_GROUP`` weights that multiply the same activation (a layer's q/k/v or gate/up projections)
+run as one launch of the same kernels, each program reading the pointers of the weight its output tile belongs
+to (``_member``, ``_pick``); every weight keeps its own buffers, scales and output. A single weight is a group of
+one.
 """
 
 import os
@@ -29,11 +34,11 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from . import DIRECT_MAX_ROWS
+from . import DIRECT_MAX_ROWS, GROUP_ALIGN, MAX_GROUP
 
 GEMV_MAX_M = 1  # M == 1: _gemv_kernel; up to DIRECT_MAX_ROWS: _mma_kernel; more: dequantize + cuBLAS
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
-_EPILOGUE_BLOCK = (32, 128)
+_EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
 # GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of a 36-config H200 sweep (KERNEL_NOTES.md, version 8).
@@ -201,13 +206,40 @@ def _scale_operand(s, DTYPE: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
+def _member(start, ends):
+    """Which GEMM of a group owns output column ``start``, and that GEMM's columns ``[first, end)``.
+
+    A group is up to three GEMMs over one activation (q/k/v, gate/up), run by one launch: their outputs are
+    numbered one after the other and ``ends`` holds each one's last column + 1. No tile straddles two members
+    (``GROUP_ALIGN``). A group of one is a plain GEMM: member 0, first 0, end N."""
+    member = 0
+    first = 0
+    end = ends[0]
+    for j in tl.static_range(1, len(ends)):
+        later = start >= ends[j - 1]
+        member = tl.where(later, j, member)
+        first = tl.where(later, ends[j - 1], first)
+        end = tl.where(later, ends[j], end)
+    return member, first, end
+
+
+@triton.jit
+def _pick(member, values):
+    """``values[member]`` for a tuple of pointers (one per member of a group)."""
+    value = values[0]
+    for j in tl.static_range(1, len(values)):
+        value = tl.where(member == j, values[j], value)
+    return value
+
+
+@triton.jit
 def _mma_kernel(
-    # pointers
-    a_ptr, a_pts_ptr, w_ptr, w_scale_ptr, w_pts_ptr, bias_ptr, out_ptr,
-    # dims
-    M, N, K,
-    # strides (everything is contiguous along K; stride_os: between the split-K partial outputs)
-    stride_am, stride_wn, stride_wsn, stride_om, stride_os,
+    # pointers (w_ptrs to out_ptrs: one per member of the group; partial_ptr: [SPLIT_K, M, ends[-1]] fp32)
+    a_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs, partial_ptr,
+    # dims (ends: see _member)
+    M, ends, K,
+    # strides (everything is contiguous along K; each output is contiguous [M, its columns])
+    stride_am, stride_wn, stride_wsn,
     # meta-parameters
     DOT_DTYPE: tl.constexpr, ALPHA_SHIFT: tl.constexpr, PTX: tl.constexpr, A_DOT_ORDER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -218,7 +250,8 @@ def _mma_kernel(
     Hopper) is N and the activation's rows fill its short side (BLOCK_M >= 16; rows past M wrap modulo M and
     are not stored). K is split over programs: program (n, m, s) takes the s-th of SPLIT_K slices of the K
     steps; with one slice it applies the global scales, bias and cast, with more it stores its raw fp32
-    partial for ``_epilogue_kernel``.
+    partial for ``_epilogue_kernel``. A group of GEMMs (``_member``) runs as one: each program reads the
+    pointers of the member its N tile belongs to.
 
     A sum over K may take K in any order, as long as both operands take the same one. The MMA's register
     fragment gives lane t (of each 4) elements 2t, 2t+1, 2t+8, 2t+9 of every 16 in the dot's K order, so the
@@ -239,7 +272,10 @@ def _mma_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    member, first_n, end_n = _member(pid_n * BLOCK_N, ends)
+    w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
+    N = end_n - first_n
+    offs_n = pid_n * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = offs_n % N
     rows_m = offs_m % M
@@ -282,18 +318,20 @@ def _mma_kernel(
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 2
 
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
-        alpha = tl.load(w_pts_ptr) * ALPHA_SHIFT
+        alpha = tl.load(_pick(member, w_pts_ptrs)) * ALPHA_SHIFT
         if a_pts_ptr is not None:
             alpha = alpha * tl.load(a_pts_ptr)
         acc = acc * alpha
-        if bias_ptr is not None:
-            acc += tl.load(bias_ptr + rows_n).to(tl.float32)[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if bias_ptrs is not None:
+            acc += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)[:, None]
+        out_ptr = _pick(member, out_ptrs)
+        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptrs + pid_s * stride_os, acc, mask=mask)
+        total_n = ends[len(ends) - 1]
+        partial = partial_ptr + (pid_s * M + offs_m[None, :]) * total_n + first_n + offs_n[:, None]
+        tl.store(partial, acc, mask=mask)
 
 
 @triton.jit
@@ -322,10 +360,10 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_
 
 @triton.jit
 def _gemv_kernel(
-    # pointers
-    a_ptr, a_scale_ptr, a_pts_ptr, w_ptr, w_scale_ptr, w_pts_ptr, bias_ptr, out_ptr,
+    # pointers (w_ptrs to out_ptrs: one per member of the group, see _member)
+    a_ptr, a_scale_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
     # dims
-    N, K,
+    ends, K,
     # strides (of packed weight rows and of scale rows, in bytes; the activation row is contiguous)
     stride_wn, stride_wsn,
     # meta-parameters
@@ -340,10 +378,14 @@ def _gemv_kernel(
     activation's fp32 values, which every weight row of the program shares. Two words make a 16-element block:
     its products are summed first and its scale applied once; the per-block partial sums stay in a
     [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the store is masked).
+    A group of GEMMs runs as one launch: each program reads the member its rows belong to.
     """
     W: tl.constexpr = BLOCK_K // 8
     G: tl.constexpr = BLOCK_K // 16
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
+    w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
+    N = end_n - first_n
+    offs_n = tl.program_id(0) * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
     rows_n = offs_n % N
 
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
@@ -361,12 +403,13 @@ def _gemv_kernel(
         block_sums = tl.sum(tl.reshape(word_sums, (BLOCK_N, G, 2)), axis=2)
         acc += block_sums * _e4m3_to_f16(s_step, PTX).to(tl.float32)
 
-    alpha = tl.load(w_pts_ptr)
+    alpha = tl.load(_pick(member, w_pts_ptrs))
     if A_FP4:
         alpha = alpha * tl.load(a_pts_ptr)
     out = tl.sum(acc, axis=1) * alpha
-    if bias_ptr is not None:
-        out += tl.load(bias_ptr + rows_n).to(tl.float32)
+    if bias_ptrs is not None:
+        out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
+    out_ptr = _pick(member, out_ptrs)
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -402,28 +445,32 @@ def _dequant_kernel(
 
 @triton.jit
 def _epilogue_kernel(
-    # pointers
-    acc_ptr, a_pts_ptr, w_pts_ptr, bias_ptr, out_ptr,
-    # dims (acc holds SPLIT contiguous [M, N] fp32 partials; out is contiguous [M, N])
-    M, N, SPLIT,
+    # pointers (w_pts_ptrs to out_ptrs: one per member of the group, see _member)
+    acc_ptr, a_pts_ptr, w_pts_ptrs, bias_ptrs, out_ptrs,
+    # dims (acc holds SPLIT contiguous [M, ends[-1]] fp32 partials; each output is contiguous [M, its columns])
+    M, ends, SPLIT,
     # meta-parameters
     ALPHA_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out = sum of the partials * (a_pts * w_pts * ALPHA_SHIFT) + bias, cast once (masked tiles)."""
+    member, first_n, end_n = _member(tl.program_id(1) * BLOCK_N, ends)
+    total_n = ends[len(ends) - 1]
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
+    N = end_n - first_n
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    offs = offs_m[:, None] * N + offs_n[None, :]
-    alpha = tl.load(w_pts_ptr) * ALPHA_SHIFT
+    alpha = tl.load(_pick(member, w_pts_ptrs)) * ALPHA_SHIFT
     if a_pts_ptr is not None:
         alpha = alpha * tl.load(a_pts_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for split in range(SPLIT):
-        acc += tl.load(acc_ptr + split * M * N + offs, mask=mask, other=0.0)
+        acc += tl.load(acc_ptr + (split * M + offs_m[:, None]) * total_n + first_n + offs_n[None, :], mask=mask,
+                       other=0.0)
     out = acc * alpha
-    if bias_ptr is not None:
-        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if bias_ptrs is not None:
+        out += tl.load(_pick(member, bias_ptrs) + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_ptr = _pick(member, out_ptrs)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _ptx(device: torch.device) -> bool:
@@ -472,23 +519,55 @@ def _choose(key: tuple, configs: list, launch) -> tuple:
     return _best[key]
 
 
-def launch_gemv(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=None):
-    """Run ``_gemv_kernel`` (M == 1) into ``out`` [1, N]; arguments as for :func:`launch_mma`."""
-    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+def group_problem(weights) -> str | None:
+    """Why these weights (a list of (packed, scales, pts)) cannot run as one group launch, or None."""
+    packed0, scales0, _ = weights[0]
+    if len(weights) == 1:
+        return None
+    if len(weights) > MAX_GROUP:
+        return f"a group launch takes at most {MAX_GROUP} weights, got {len(weights)}"
+    for packed, scales, _ in weights:
+        if packed.shape[1] != packed0.shape[1] or packed.stride() != (packed0.shape[1], 1):
+            return "group members must be contiguous weights with one K"
+        if scales.stride() != (scales0.shape[1], 1):
+            return "group members must have contiguous block scales"
+    if any(packed.shape[0] % GROUP_ALIGN for packed, _, _ in weights[:-1]):
+        return f"every group member but the last needs a multiple of {GROUP_ALIGN} output columns"
+    return None
+
+
+def _ends(weights) -> tuple[int, ...]:
+    ends, total = [], 0
+    for packed, _, _ in weights:
+        total += packed.shape[0]
+        ends.append(total)
+    return tuple(ends)
+
+
+def _columns(weights):
+    """The weights' parts as the kernels take them: a tuple per part, one entry per member."""
+    return tuple(zip(*weights))
+
+
+def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None):
+    """Run ``_gemv_kernel`` (M == 1) into ``outs`` (one [1, N_i] per weight); arguments as for :func:`launch_mma`."""
+    k = weights[0][0].shape[1] * 2
+    w_packed, w_scales, w_pts = _columns(weights)
     a_fp4 = a_scales is not None
-    if w_packed.stride(1) != 1 or w_packed.data_ptr() % 4 or w_packed.stride(0) % 4:
+    if any(p.stride(1) != 1 or p.data_ptr() % 4 or p.stride(0) % 4 for p in w_packed):
         raise ValueError("the GEMV reads packed weight rows as 32-bit words: they must be contiguous and aligned")
     if a.stride(1) != 1 or a.data_ptr() % 16:  # the activation too, in 16-byte vectors
         a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
     if a_fp4 and a_scales.stride(1) != 1:
         a_scales = a_scales.contiguous()
+    ends = _ends(weights)
 
     def run(cfg):
         block_n, block_k, warps = cfg
-        _gemv_kernel[(triton.cdiv(n, block_n),)](
-            a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out,
-            n, k,
-            w_packed.stride(0), w_scales.stride(0),
+        _gemv_kernel[(triton.cdiv(ends[-1], block_n),)](
+            a, a_scales, a_pts, w_packed, w_scales, w_pts, None if biases is None else tuple(biases), tuple(outs),
+            ends, k,
+            w_packed[0].stride(0), w_scales[0].stride(0),
             A_FP4=a_fp4, PTX=_ptx(a.device), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
 
@@ -496,18 +575,23 @@ def launch_gemv(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config
         if knobs.runtime.interpret:
             config = _INTERPRET_GEMV
         else:
-            key = ("gemv", a_fp4, a.dtype, out.dtype, bias is not None, n, k)
+            key = ("gemv", a_fp4, a.dtype, outs[0].dtype, biases is not None, ends, k)
             config = _choose(key, _GEMV_CONFIGS, run)
     run(config)
-    return out
+    return outs
 
 
-def launch_mma(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=None):
-    """Run ``_mma_kernel`` into ``out`` [M, N] (plus ``_epilogue_kernel`` when K is split). ``a_scales`` None
-    means ``a`` is bf16/fp16 [M, K]; else ``a`` is packed NVFP4 [M, K/2], dequantized first (fp16, exact) and its
-    global scale ``a_pts`` joins alpha. ``config`` is (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, stages,
-    A_DOT_ORDER)."""
-    m, n, k = a.shape[0], w_packed.shape[0], w_packed.shape[1] * 2
+def launch_mma(a, a_scales, a_pts, weights, biases, outs, config=None):
+    """Run ``_mma_kernel`` into ``outs`` (one [M, N_i] per weight; plus ``_epilogue_kernel`` when K is split).
+    ``weights`` is a list of (packed, scales, pts), one group (``group_problem`` is None for it); ``biases``
+    None or one per weight. ``a_scales`` None means ``a`` is bf16/fp16 [M, K]; else ``a`` is packed NVFP4
+    [M, K/2], dequantized first (fp16, exact) and its global scale ``a_pts`` joins alpha. ``config`` is
+    (BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, num_warps, stages, A_DOT_ORDER)."""
+    m, k = a.shape[0], weights[0][0].shape[1] * 2
+    w_packed, w_scales, w_pts = _columns(weights)
+    biases = None if biases is None else tuple(biases)
+    outs = tuple(outs)
+    ends = _ends(weights)
     if a_scales is not None:
         a = dequantize(a, a_scales, torch.float16)
     elif a.stride(1) != 1:
@@ -521,29 +605,32 @@ def launch_mma(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out, config=
         block_n, block_m, block_k, split, warps, stages, dot_order = cfg
         a_in = _dot_order(a) if dot_order else a
         split = min(split, triton.cdiv(k, block_k))
-        partials = out if split == 1 else torch.empty((split, m, n), device=out.device, dtype=torch.float32)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+        partials = None if split == 1 else torch.empty((split, m, ends[-1]), device=a.device, dtype=torch.float32)
+        grid = (triton.cdiv(ends[-1], block_n), triton.cdiv(m, block_m), split)
         _mma_kernel[grid](
-            a_in, a_pts, w_packed, w_scales, w_pts, bias, partials,
-            m, n, k,
-            a_in.stride(0), w_packed.stride(0), w_scales.stride(0), partials.stride(-2), m * n,
+            a_in, a_pts, w_packed, w_scales, w_pts, biases, outs, partials,
+            m, ends, k,
+            a_in.stride(0), w_packed[0].stride(0), w_scales[0].stride(0),
             DOT_DTYPE=dot_dtype, ALPHA_SHIFT=alpha_shift, PTX=_ptx(a.device), A_DOT_ORDER=dot_order,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
         )
         if split > 1:
-            eb_m, eb_n = _EPILOGUE_BLOCK
-            _epilogue_kernel[(triton.cdiv(m, eb_m), triton.cdiv(n, eb_n))](
-                partials, a_pts, w_pts, bias, out, m, n, split,
-                ALPHA_SHIFT=alpha_shift, BLOCK_M=eb_m, BLOCK_N=eb_n)
+            _launch_epilogue(partials, a_pts, w_pts, biases, outs, m, ends, split, alpha_shift)
 
     if config is None:
         if knobs.runtime.interpret:
             config = _INTERPRET_MMA
         else:
-            key = ("mma", a.dtype, out.dtype, bias is not None, n, k, triton.next_power_of_2(m))
+            key = ("mma", a.dtype, outs[0].dtype, biases is not None, ends, k, triton.next_power_of_2(m))
             config = _choose(key, _mma_configs(m), run)
     run(config)
-    return out
+    return outs
+
+
+def _launch_epilogue(acc, a_pts, w_pts, biases, outs, m, ends, split, alpha_shift):
+    block_m, block_n = _EPILOGUE_BLOCK
+    _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(ends[-1], block_n))](
+        acc, a_pts, w_pts, biases, outs, m, ends, split, ALPHA_SHIFT=alpha_shift, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 def _mma_configs(m: int) -> list:
@@ -564,10 +651,11 @@ def _dot_order(a: torch.Tensor) -> torch.Tensor:
     return padded.view(m, -1, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, -1)
 
 
-def dequantize(packed, scales, dtype):
-    """[R, K/2] packed + [R, K/16] scale bits -> [R, K] of ``e2m1 * S_b`` as ``dtype`` (exact for bf16/fp16)."""
+def dequantize(packed, scales, dtype, out=None):
+    """[R, K/2] packed + [R, K/16] scale bits -> [R, K] of ``e2m1 * S_b`` as ``dtype`` (exact for bf16/fp16), into
+    ``out`` if given (rows contiguous along K)."""
     r, k = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty((r, k), device=packed.device, dtype=dtype)
+    out = torch.empty((r, k), device=packed.device, dtype=dtype) if out is None else out
     block_r, block_k = _DEQUANT_BLOCK
     grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
     _dequant_kernel[grid](packed, scales, out, r, k, packed.stride(0), scales.stride(0), out.stride(0),
@@ -575,40 +663,61 @@ def dequantize(packed, scales, dtype):
     return out
 
 
-def launch_cublas(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out):
+def launch_cublas(a, a_scales, a_pts, weights, biases, outs):
     """Large M: dequantize to bf16/fp16 scratch (exact), one cuBLAS GEMM with fp32 output, then the epilogue.
 
     The block-scaled products are exact and accumulate in fp32 as in the other kernels; only the global
     scales, applied by ``_epilogue_kernel`` from device memory, stay out of cuBLAS (its alpha is a host value).
+    A group's weights are dequantized into one scratch, so the group is one GEMM.
     """
     dtype = torch.bfloat16 if a_scales is not None else a.dtype
     a_values = dequantize(a, a_scales, dtype) if a_scales is not None else a
-    w_values = dequantize(w_packed, w_scales, dtype)
+    ends = _ends(weights)
+    w_values = torch.empty((ends[-1], a.shape[1] if a_scales is None else a.shape[1] * 2), device=a.device,
+                           dtype=dtype)
+    for (packed, scales, _), first, end in zip(weights, (0, *ends), ends):
+        dequantize(packed, scales, dtype, out=w_values[first:end])
     if a.is_cuda:
         acc = torch.mm(a_values, w_values.t(), out_dtype=torch.float32)
     else:  # the interpreter's tests: the same exact products, fp32 accumulation
         acc = torch.mm(a_values.float(), w_values.float().t())
-    m, n = acc.shape
-    block_m, block_n = _EPILOGUE_BLOCK
-    _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        acc, a_pts, w_pts, bias, out, m, n, 1, ALPHA_SHIFT=1.0, BLOCK_M=block_m, BLOCK_N=block_n)
-    return out
+    _launch_epilogue(acc, a_pts, _columns(weights)[2], None if biases is None else tuple(biases), tuple(outs),
+                     acc.shape[0], ends, 1, 1.0)
+    return outs
 
 
-def _launch(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, out):
-    m, n = a.shape[0], w_packed.shape[0]
-    if out is None:
-        out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs):
+    m = a.shape[0]
+    if outs is None:
+        outs = [torch.empty((m, packed.shape[0]), device=a.device, dtype=out_dtype) for packed, _, _ in weights]
+    if group_problem(weights) is not None:  # one launch per weight
+        for i, w in enumerate(weights):
+            _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]])
+        return list(outs)
     launch = launch_gemv if m <= GEMV_MAX_M else launch_mma if m <= DIRECT_MAX_ROWS else launch_cublas
-    return launch(a, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out)
+    return list(launch(a, a_scales, a_pts, weights, biases, outs))
+
+
+def gemm_a16_group(x, weights, biases, out_dtype=None, outs=None):
+    """``x [M, K] (bf16/fp16) @ dequant(w).T + bias`` for each (packed, scales, pts) of ``weights`` (one launch
+    when they form a group, see ``group_problem``) -> a list of ``[M, N_i]`` of ``out_dtype`` (default x.dtype;
+    float32 gives the accumulator before the final cast). ``outs`` may hold preallocated buffers."""
+    return _launch(x, None, None, weights, biases, out_dtype or x.dtype, outs)
+
+
+def gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs=None):
+    """``dequant(a) @ dequant(w).T + bias`` for packed NVFP4 ``a [M, K/2]`` and each of ``weights``."""
+    return _launch(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs)
 
 
 def gemm_a16(x, w_packed, w_scales, w_pts, bias, out_dtype=None, out=None):
-    """``x [M, K] (bf16/fp16) @ dequant(w).T + bias`` -> ``[M, N]`` of ``out_dtype`` (default x.dtype; float32
-    gives the accumulator before the final cast). ``out`` may be a preallocated [M, N] buffer."""
-    return _launch(x, None, None, w_packed, w_scales, w_pts, bias, out_dtype or x.dtype, out)
+    """One weight: ``x [M, K] (bf16/fp16) @ dequant(w).T + bias`` -> ``[M, N]`` (see :func:`gemm_a16_group`)."""
+    biases = None if bias is None else [bias]
+    return gemm_a16_group(x, [(w_packed, w_scales, w_pts)], biases, out_dtype, out if out is None else [out])[0]
 
 
 def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, out=None):
-    """``dequant(a) @ dequant(w).T + bias`` for packed NVFP4 ``a [M, K/2]`` -> ``[M, N]`` of ``out_dtype``."""
-    return _launch(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, out)
+    """One weight: ``dequant(a) @ dequant(w).T + bias`` for packed NVFP4 ``a [M, K/2]`` -> ``[M, N]``."""
+    biases = None if bias is None else [bias]
+    weights = [(w_packed, w_scales, w_pts)]
+    return gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, out if out is None else [out])[0]
