@@ -181,6 +181,26 @@ def test_weight_changed_in_place_or_replaced_is_never_stale():
         torch.testing.assert_close(fast(x), emulate_mlp(model, x), rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_weight_changed_in_place_is_never_stale():
+    """A weight inside a group (k of q/k/v) changed in place: the next call uses the new weight."""
+
+    def linear(layer, h):  # nvfp4a16 in fp32: the activation as is, the weight quantized
+        out = h @ nvfp4.fake_quantize(layer.weight).t()
+        return out if layer.bias is None else out + layer.bias
+
+    def emulate(m, x):
+        h = x + torch.tanh(linear(m.q, x)) * linear(m.k, x) - linear(m.v, x)
+        return h + linear(m.down, torch.relu(linear(m.gate, h)) * linear(m.up, h))
+
+    torch.manual_seed(0)
+    model, x = Attention(), torch.randn(5, 64)
+    with torch.no_grad():
+        fast = compile_fp4(model, scheme="nvfp4a16")
+        torch.testing.assert_close(fast(x), emulate(model, x), rtol=1e-5, atol=1e-5)
+        model.k.weight.mul_(-2.0)
+        torch.testing.assert_close(fast(x), emulate(model, x), rtol=1e-5, atol=1e-5)
+
+
 def test_new_batch_sizes_do_not_quantize_again():
     model = MLP()
     with torch.no_grad():
