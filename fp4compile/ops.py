@@ -19,8 +19,8 @@ For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with
 activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
 kernels up to 128 rows), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue
-per weight. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
-``out_dtype``).
+per weight. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype
+(``gemm``: ``out_dtype``).
 """
 
 import torch

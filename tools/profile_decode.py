@@ -44,10 +44,10 @@ def kernel_times(prof) -> dict[str, tuple[int, float]]:
     return {name: (n, us) for name, (n, us) in rows.items()}
 
 
-def profile_config(model, scheme: str | None, args, device) -> dict:
+def profile_config(model, scheme: str | None, group: bool, args, device) -> dict:
     torch._dynamo.reset()
     backend = "inductor" if scheme is None else "fp4"
-    model.generation_config.compile_config = compile_config(backend, scheme, device, device.type == "cuda")
+    model.generation_config.compile_config = compile_config(backend, scheme, device, device.type == "cuda", group)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
 
     def generate():
@@ -92,17 +92,17 @@ def main() -> None:
     model = build("llama3-8b-shapes", args.layers, args.tiny, device, torch.bfloat16)
     results = {}
     for config in args.configs.split(","):
-        r = results[config] = profile_config(model, CONFIGS[config], args, device)
+        r = results[config] = profile_config(model, *CONFIGS[config], args, device)
         print(f"\n{config}: kernels per generated token, by GPU time")
         for name, n, us in r["top"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nper generated token ({args.new_tokens} tokens after a {args.prompt_len}-token prompt, "
           f"{model.config.num_hidden_layers} layers, {device_name})")
-    print(f"{'config':>10} {'wall us':>9} {'kernels us':>11} {'GEMM us':>9} {'other us':>9} {'not kernels us':>15} "
+    print(f"{'config':>18} {'wall us':>9} {'kernels us':>11} {'GEMM us':>9} {'other us':>9} {'not kernels us':>15} "
           f"{'launches':>9}")
     for config, r in results.items():
-        print(f"{config:>10} {r['wall_us']:9.0f} {r['kernel_us']:11.0f} {r['gemm_us']:9.0f} "
+        print(f"{config:>18} {r['wall_us']:9.0f} {r['kernel_us']:11.0f} {r['gemm_us']:9.0f} "
               f"{r['kernel_us'] - r['gemm_us']:9.0f} {r['wall_us'] - r['kernel_us']:15.0f} {r['launches']:9.0f}")
 
 
