@@ -142,10 +142,11 @@ def test_group_with_and_without_bias_runs_weight_by_weight():
     weights = [random_nvfp4(64, 32), random_nvfp4(16, 32)]
     bias = torch.randn(64).bfloat16().to(DEVICE)
     x = torch.randn(3, 32).bfloat16().to(DEVICE)
-    outs = kernels.gemm_a16(x, *(list(part) for part in zip(*weights)), [bias, None])
+    assert "a bias or none" in triton_gemm.group_problem(weights, [bias, None])
+    outs = triton_gemm.gemm_a16_group(x, weights, [bias, None], torch.float32)
     for w, b, out in zip(weights, (bias, None), outs):
-        expect = nvfp4.reference_gemm(x.cpu(), *(t.cpu() for t in w), None if b is None else b.cpu(), torch.float32)
-        torch.testing.assert_close(out.cpu().float(), expect, rtol=2**-8, atol=1e-3)
+        ref = x.cpu().double() @ dequant64(*w).t() + (0.0 if b is None else b.cpu().double())
+        check(out, ref, out, torch.float32)
 
 
 @pytest.mark.parametrize("m", (1, 20))

@@ -80,7 +80,8 @@ def _problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
     return _family(_device_index(device))[1] or None
 
 
-def _group_problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
+def _weights_problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | None:
+    """The first problem (:func:`_problem`) of any weight of the lists, or None."""
     for member in zip(w_packed, w_scales, w_pts, bias):
         reason = _problem(device, (*tensors, *member), *member)
         if reason is not None:
@@ -88,27 +89,12 @@ def _group_problem(device, tensors, w_packed, w_scales, w_pts, bias) -> str | No
     return None
 
 
-def _biases(bias: list) -> list | None:
-    return None if all(b is None for b in bias) else bias
-
-
-def _split_members(op, w_packed, w_scales, w_pts, bias) -> list | None:
-    """Run a group whose weights differ in having a bias one weight at a time (``op`` takes one-weight lists)."""
-    if _biases(bias) is None or all(b is not None for b in bias):
-        return None
-    return [op([p], [s], [t], [b])[0] for p, s, t, b in zip(w_packed, w_scales, w_pts, bias)]
-
-
 def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     """NVFP4 x NVFP4 on CUDA: ``[..., K/2]`` packed activation times each weight of the lists ``w_packed``,
     ``w_scales``, ``w_pts``, ``bias`` (one entry per weight, a bias may be None) -> a list of ``[..., N_i]`` of
     ``out_dtype``."""
     lead = a_packed.shape[:-1]
-    split = _split_members(lambda *w: gemm(a_packed, a_scales, a_pts, *w, out_dtype), w_packed, w_scales, w_pts,
-                           bias)
-    if split is not None:
-        return split
-    reason = _group_problem(a_packed.device, (a_packed, a_scales, a_pts), w_packed, w_scales, w_pts, bias)
+    reason = _weights_problem(a_packed.device, (a_packed, a_scales, a_pts), w_packed, w_scales, w_pts, bias)
     reason = reason or _layout_problem(a_packed, a_scales, a_pts, "activation")
     if reason is None and out_dtype not in (*_HALF_DTYPES, torch.float32):
         reason = f"output dtype {out_dtype} is not bf16, fp16 or fp32"
@@ -132,7 +118,7 @@ def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     from . import triton_gemm
 
     weights = [(p, s.view(torch.uint8), t) for p, s, t in zip(w_packed, w_scales, w_pts)]
-    outs = triton_gemm.gemm_group(a2, s2, a_pts, weights, _biases(bias), out_dtype)
+    outs = triton_gemm.gemm_group(a2, s2, a_pts, weights, bias, out_dtype)
     return [out.reshape(*lead, -1) for out in outs]
 
 
@@ -140,10 +126,7 @@ def gemm_a16(x, w_packed, w_scales, w_pts, bias):
     """bf16/fp16 ``[..., K]`` times each weight of the lists (as for :func:`gemm`) -> a list of ``[..., N_i]`` of
     ``x.dtype``."""
     lead = x.shape[:-1]
-    split = _split_members(lambda *w: gemm_a16(x, *w), w_packed, w_scales, w_pts, bias)
-    if split is not None:
-        return split
-    reason = _group_problem(x.device, (x,), w_packed, w_scales, w_pts, bias)
+    reason = _weights_problem(x.device, (x,), w_packed, w_scales, w_pts, bias)
     if reason is None and x.dtype not in _HALF_DTYPES:
         reason = f"activation dtype {x.dtype} is not bf16 or fp16"
     mismatch = next((p for p in w_packed if x.shape[-1] != p.shape[-1] * 2), None)
@@ -158,7 +141,7 @@ def gemm_a16(x, w_packed, w_scales, w_pts, bias):
     from . import triton_gemm
 
     weights = [(p, s.view(torch.uint8), t) for p, s, t in zip(w_packed, w_scales, w_pts)]
-    return [out.reshape(*lead, -1) for out in triton_gemm.gemm_a16_group(x2, weights, _biases(bias))]
+    return [out.reshape(*lead, -1) for out in triton_gemm.gemm_a16_group(x2, weights, bias)]
 
 
 @functools.cache

@@ -519,11 +519,14 @@ def _choose(key: tuple, configs: list, launch) -> tuple:
     return _best[key]
 
 
-def group_problem(weights) -> str | None:
-    """Why these weights (a list of (packed, scales, pts)) cannot run as one group launch, or None."""
+def group_problem(weights, biases=None) -> str | None:
+    """Why these weights (a list of (packed, scales, pts)) and their biases (None, or one per weight) cannot run
+    as one group launch, or None."""
     packed0, scales0, _ = weights[0]
     if len(weights) == 1:
         return None
+    if biases is not None and any(b is None for b in biases):
+        return "group members must all have a bias or none"
     if len(weights) > MAX_GROUP:
         return f"a group launch takes at most {MAX_GROUP} weights, got {len(weights)}"
     for packed, scales, _ in weights:
@@ -690,7 +693,9 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs):
     m = a.shape[0]
     if outs is None:
         outs = [torch.empty((m, packed.shape[0]), device=a.device, dtype=out_dtype) for packed, _, _ in weights]
-    if group_problem(weights) is not None:  # one launch per weight
+    if biases is not None and all(b is None for b in biases):
+        biases = None
+    if group_problem(weights, biases) is not None:  # one launch per weight
         for i, w in enumerate(weights):
             _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]])
         return list(outs)
@@ -699,9 +704,10 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs):
 
 
 def gemm_a16_group(x, weights, biases, out_dtype=None, outs=None):
-    """``x [M, K] (bf16/fp16) @ dequant(w).T + bias`` for each (packed, scales, pts) of ``weights`` (one launch
-    when they form a group, see ``group_problem``) -> a list of ``[M, N_i]`` of ``out_dtype`` (default x.dtype;
-    float32 gives the accumulator before the final cast). ``outs`` may hold preallocated buffers."""
+    """``x [M, K] (bf16/fp16) @ dequant(w).T + bias`` for each (packed, scales, pts) of ``weights`` and each bias
+    of ``biases`` (None, or one per weight, each a tensor or None); one launch when they form a group (see
+    ``group_problem``). Returns a list of ``[M, N_i]`` of ``out_dtype`` (default x.dtype; float32 gives the
+    accumulator before the final cast). ``outs`` may hold preallocated buffers."""
     return _launch(x, None, None, weights, biases, out_dtype or x.dtype, outs)
 
 
