@@ -6,6 +6,7 @@ The math is the paper's Algorithm 1 with lazy block updates:
 
     H    = 2 X X^T / n                     (fp32, running mean over the calibration rows, see Hessian)
     dead = diag(H) == 0:  H_ii = 1, W[:, i] = 0
+    H    = (1 - shrink) * H + shrink * diag(H)      (optional: weaker cross-column terms, see gptq())
     H   += percdamp * mean(diag(H)) * I
     U    = cholesky(H^-1, upper)
     for each column i (in blocks of `blocksize`):  q_i = Q(w_i);  e = (w_i - q_i) / U_ii;  W[:, i:] -= e U[i, i:]
@@ -208,14 +209,19 @@ def rtn(weight: torch.Tensor, fmt: Format, importance: torch.Tensor | None = Non
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: float = 0.01,
          blocksize: int = 128, act_order: bool = False, scale_timing: ScaleTiming = "upfront",
-         retries: int = 4) -> GPTQResult:
+         shrink: float = 0.0, retries: int = 4) -> GPTQResult:
     """Quantize ``weight`` ``[N, K]`` given its layer's input Hessian ``[K, K]`` (see :class:`Hessian`).
 
     scale_timing: "sweep" sets each group's params when the sweep reaches it, from the error-updated weights, and
     freezes them; "upfront" sets all from the original weight. act_order (columns by descending diag(H)) keeps the
-    groups along the original K, so it needs "upfront". If no dampening (percdamp x 10 per retry) makes H
-    positive definite, the layer falls back to :func:`rtn` with a warning.
+    groups along the original K, so it needs "upfront". shrink (0 to 1) scales H's off-diagonal terms by
+    ``1 - shrink`` (a shrinkage towards its diagonal): the error of each column is carried less onto the columns
+    correlated with it in the calibration data, while each column's weight in the scale search and act-order
+    stays; 1 leaves no error feedback. If no dampening (percdamp x 10 per retry) makes H positive definite, the
+    layer falls back to :func:`rtn` with a warning.
     """
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must be between 0 and 1, got {shrink}")
     if act_order and scale_timing != "upfront":
         raise ValueError("act_order keeps groups along the original K, so it needs scale_timing='upfront'")
     g = fmt.group_size
@@ -225,6 +231,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
     n, k = w.shape
     h, dead = _live_hessian(hessian)  # [K, K]
     assert h.shape == (k, k), f"Hessian {tuple(h.shape)} does not match weight {tuple(w.shape)}"
+    if shrink:
+        h = (1 - shrink) * h + shrink * torch.diag(h.diagonal())
     w[:, dead] = 0
     importance = h.diagonal().clone()  # [K], original column order
     t = fmt.tensor_params(weight.detach().float())

@@ -280,7 +280,8 @@ def test_true_sequential_does_not_track_the_unquantized_model_worse(scheme):
     err, outputs = {}, {}
     for true_sequential in (False, True):
         model = tiny_lm()
-        calibrate(model, data, scheme=scheme, true_sequential=true_sequential, progress=False)
+        # plain GPTQ (shrink 0), where the error feedback that true sequential builds on is whole
+        calibrate(model, data, scheme=scheme, true_sequential=true_sequential, shrink=0.0, progress=False)
         err[true_sequential], outputs[true_sequential] = rel_err(model(test), ref), model(test)
     assert err[True] <= err[False], err
     assert not torch.equal(outputs[True], outputs[False])
@@ -288,6 +289,23 @@ def test_true_sequential_does_not_track_the_unquantized_model_worse(scheme):
     torch._dynamo.reset()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="fp4")(test), outputs[True], rtol=1e-4, atol=1e-5)
+
+
+def test_shrink_default_per_scheme_and_range():
+    """calibrate's shrink defaults to SHRINK_DEFAULT[scheme], changes the weights against plain GPTQ, and is
+    checked before any calibration work."""
+    from fp4compile.calibrate import SHRINK_DEFAULT
+
+    data = token_batches(4)
+    packed = {}
+    for shrink in (None, SHRINK_DEFAULT["nvfp4a16"], 0.0):
+        model = tiny_lm()
+        calibrate(model, data, scheme="nvfp4a16", shrink=shrink, progress=False)
+        packed[shrink] = torch.cat([m.weight_packed.flatten() for m in model.modules() if isinstance(m, NVFP4Linear)])
+    assert torch.equal(packed[None], packed[SHRINK_DEFAULT["nvfp4a16"]])
+    assert not torch.equal(packed[None], packed[0.0])
+    with pytest.raises(ValueError, match="shrink"):
+        calibrate(tiny_lm(), data, scheme="nvfp4a16", shrink=-0.1, progress=False)
 
 
 def test_toy_linear_stack_gptq_output_mse_at_most_035_of_rtn():

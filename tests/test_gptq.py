@@ -151,6 +151,21 @@ def test_asymmetric_target_retries_with_more_dampening():
     torch.testing.assert_close(target, w + torch.linalg.solve(damped, (w @ cross).t()).t(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("search", SEARCHES)
+def test_shrink_goes_from_gptq_to_rounding_with_the_same_scales(layer, search):
+    """shrink scales H's off-diagonal terms: 0 is plain GPTQ, 1 leaves no error feedback, which is RTN with the
+    scale search weighted by diag(H); in between, the output error on the calibration inputs lies between."""
+    w, _, h = layer
+    fmt = G.nvfp4_format(search)
+    assert torch.equal(G.gptq(w, h, fmt, shrink=0.0).dequantized, G.gptq(w, h, fmt).dequantized)
+    rounded = G.gptq(w, h, fmt, shrink=1.0).dequantized
+    assert torch.equal(rounded, G.rtn(w, fmt, importance=h.diagonal()).dequantized)
+    errors = [G.output_error(w, G.gptq(w, h, fmt, shrink=s).dequantized, h) for s in (0.0, 0.5, 1.0)]
+    assert errors[0] < errors[1] < errors[2], errors
+    with pytest.raises(ValueError, match="shrink"):
+        G.gptq(w, h, fmt, shrink=1.5)
+
+
 def test_blocksize_must_be_a_multiple_of_16(layer):
     w, _, h = layer
     with pytest.raises(ValueError, match="multiple"):

@@ -41,8 +41,8 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
 _PLAIN = {"scale_search": "none", "scale_timing": "sweep", "asymmetric": 0.0}
 GPTQ_VARIANTS = {
-    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order; for nvfp4a16 also asymmetric 0.25
-    # and true sequential
+    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5; for nvfp4a16 also
+    # asymmetric 0.25 and true sequential
     "gptq-asym0": {"asymmetric": 0.0},  # the defaults without the asymmetric target
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
@@ -62,6 +62,10 @@ GPTQ_VARIANTS = {
     "gptq-trueseq": {"true_sequential": True},
     "gptq-trueseq0": {"true_sequential": False},  # the nvfp4a16 defaults before true sequential (run F)
     "gptq-asym0.25-trueseq": {"asymmetric": 0.25, "true_sequential": True},  # both (for nvfp4: run M)
+    "gptq-shrink0": {"shrink": 0.0},  # the defaults before shrink (runs K and D)
+    "gptq-shrink0.2": {"shrink": 0.2},
+    "gptq-shrink0.5": {"shrink": 0.5},
+    "gptq-shrink0.8": {"shrink": 0.8},
 }
 
 
