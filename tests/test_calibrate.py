@@ -231,10 +231,11 @@ def test_asymmetric_and_true_sequential_defaults_per_scheme(monkeypatch):
     monkeypatch.setattr(G, "asymmetric_target", spy)
     monkeypatch.setattr(C, "_groups", groups_spy)
     calibrate(tiny_lm(), token_batches(2), scheme="nvfp4", progress=False)
-    assert alphas == [] and grouped == []
+    assert alphas == [0.25] * 18 and grouped == []  # the 6 linears of each of the 3 blocks; "proj" runs before them
+    alphas.clear()
     model = tiny_lm()
     calibrate(model, token_batches(2), scheme="nvfp4a16", progress=False)
-    assert alphas == [0.25] * 18  # the 6 linears of each of the 3 blocks; "proj" runs before them
+    assert alphas == [0.5] * 18
     assert grouped == list(model.layers)
 
 
@@ -280,8 +281,9 @@ def test_true_sequential_does_not_track_the_unquantized_model_worse(scheme):
     err, outputs = {}, {}
     for true_sequential in (False, True):
         model = tiny_lm()
-        # plain GPTQ (shrink 0), where the error feedback that true sequential builds on is whole
-        calibrate(model, data, scheme=scheme, true_sequential=true_sequential, shrink=0.0, progress=False)
+        # plain GPTQ (no shrink, no asymmetric target): the error feedback that true sequential builds on, alone
+        calibrate(model, data, scheme=scheme, true_sequential=true_sequential, shrink=0.0, asymmetric=0.0,
+                  progress=False)
         err[true_sequential], outputs[true_sequential] = rel_err(model(test), ref), model(test)
     assert err[True] <= err[False], err
     assert not torch.equal(outputs[True], outputs[False])

@@ -41,8 +41,8 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
 _PLAIN = {"scale_search": "none", "scale_timing": "sweep", "asymmetric": 0.0}
 GPTQ_VARIANTS = {
-    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5; for nvfp4a16 also
-    # asymmetric 0.25 and true sequential
+    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5; asymmetric 0.5
+    # (nvfp4a16) / 0.25 (nvfp4); for nvfp4a16 also true sequential
     "gptq-asym0": {"asymmetric": 0.0},  # the defaults without the asymmetric target
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
@@ -58,6 +58,8 @@ GPTQ_VARIANTS = {
     "gptq-static": {**_PLAIN, "static_activation_scale": True},
     "gptq-asym0.1": {"asymmetric": 0.1},
     "gptq-asym0.25": {"asymmetric": 0.25},
+    "gptq-asym0.5": {"asymmetric": 0.5},
+    "gptq-asym0.75": {"asymmetric": 0.75},
     "gptq-asym1": {"asymmetric": 1.0},
     "gptq-trueseq": {"true_sequential": True},
     "gptq-trueseq0": {"true_sequential": False},  # the nvfp4a16 defaults before true sequential (run F)
