@@ -448,8 +448,8 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    if shrink is not None and not 0.0 <= shrink <= 1.0:
-        raise ValueError(f"shrink must be between 0 and 1, got {shrink}")
+    if shrink is not None:
+        G.check_shrink(shrink)  # before any calibration work
     if static_activation_scale and scheme != "nvfp4":
         raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
     t0 = time.perf_counter()

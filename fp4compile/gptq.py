@@ -207,6 +207,12 @@ def rtn(weight: torch.Tensor, fmt: Format, importance: torch.Tensor | None = Non
     return GPTQResult(fmt.finish(codes, p, t), fmt.dequantize(codes, pe, t), 0.0)
 
 
+def check_shrink(shrink: float) -> None:
+    """Raise ValueError unless ``shrink`` (see :func:`gptq`) lies in [0, 1]."""
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must be between 0 and 1, got {shrink}")
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: float = 0.01,
          blocksize: int = 128, act_order: bool = False, scale_timing: ScaleTiming = "upfront",
          shrink: float = 0.0, retries: int = 4) -> GPTQResult:
@@ -220,8 +226,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
     stays; 1 leaves no error feedback. If no dampening (percdamp x 10 per retry) makes H positive definite, the
     layer falls back to :func:`rtn` with a warning.
     """
-    if not 0.0 <= shrink <= 1.0:
-        raise ValueError(f"shrink must be between 0 and 1, got {shrink}")
+    check_shrink(shrink)
     if act_order and scale_timing != "upfront":
         raise ValueError("act_order keeps groups along the original K, so it needs scale_timing='upfront'")
     g = fmt.group_size

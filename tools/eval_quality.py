@@ -39,7 +39,8 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 
 # name -> calibrate() keyword arguments; "base" and "rtn*" are handled apart. Each "gptq-*" variant changes one
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
-_PLAIN = {"scale_search": "none", "scale_timing": "sweep", "asymmetric": 0.0}
+_PLAIN = {"scale_search": "none", "scale_timing": "sweep", "act_order": False, "asymmetric": 0.0,
+          "true_sequential": False, "shrink": 0.0}
 GPTQ_VARIANTS = {
     "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5; asymmetric 0.5
     # (nvfp4a16) / 0.25 (nvfp4); for nvfp4a16 also true sequential
@@ -62,9 +63,9 @@ GPTQ_VARIANTS = {
     "gptq-asym0.75": {"asymmetric": 0.75},
     "gptq-asym1": {"asymmetric": 1.0},
     "gptq-trueseq": {"true_sequential": True},
-    "gptq-trueseq0": {"true_sequential": False},  # the nvfp4a16 defaults before true sequential (run F)
+    "gptq-trueseq0": {"true_sequential": False},  # the defaults without true sequential (run F's, before the shrink)
     "gptq-asym0.25-trueseq": {"asymmetric": 0.25, "true_sequential": True},  # both (for nvfp4: run M)
-    "gptq-shrink0": {"shrink": 0.0},  # the defaults before shrink (runs K and D)
+    "gptq-shrink0": {"shrink": 0.0},  # the defaults without the shrink
     "gptq-shrink0.2": {"shrink": 0.2},
     "gptq-shrink0.5": {"shrink": 0.5},
     "gptq-shrink0.8": {"shrink": 0.8},
