@@ -34,6 +34,13 @@ def median_us(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def write_rows(path: str | None, rows: list) -> None:
+    """Results so far as JSON (the GPU's name and the rows), rewritten after each row; nothing when ``path`` is None."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
 def graph_us(calls, replays: int = 20) -> float:
     """Per-call time of a CUDA graph that runs every closure in ``calls`` once, replayed ``replays`` times."""
     for call in calls:

@@ -18,7 +18,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from bench_gemm import graph_us
+from bench_gemm import graph_us, write_rows
 
 from fp4compile import format as nvfp4
 
@@ -63,9 +63,7 @@ def main() -> None:
             torch._dynamo.reset()
             rows.append(bench(name, ns, m))
             print(json.dumps(rows[-1]), flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            write_rows(args.out, rows)
     print(f"\n{torch.cuda.get_device_name()}, CUDA-graph replays, us per call (all weights of the group)")
     print(f"{'group':>8} {'M':>5} | {'bf16':>7} {'separate':>8} {'group':>7} | {'vs sep.':>7} {'vs bf16':>7} rel_diff")
     for r in rows:

@@ -11,7 +11,6 @@ is what ``DIRECT_MAX_ROWS`` and the default lists (``_GEMV_CONFIGS``, ``_mma_con
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gemm import SHAPES, geomean, graph_us  # noqa: E402
+from bench_gemm import SHAPES, geomean, graph_us, write_rows  # noqa: E402
 
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.kernels import triton_gemm  # noqa: E402
@@ -85,9 +84,7 @@ def main() -> None:
             rows.append(row)
             print(f"N={n} K={k} M={m}: bf16 {row['bf16_us']:.1f} us, dequantize+cuBLAS {row['cublas_path_us']:.1f}"
                   f" | " + ", ".join(f"{t:.1f} us {c}" for t, c in times[:4]), flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            write_rows(args.out, rows)
     print(f"\n{torch.cuda.get_device_name()} (us, CUDA-graph replay; x = bf16 / path)")
     print(f"{'N':>6} {'K':>6} {'M':>4} | {'bf16':>6} {'deq+cuBLAS':>10} {'x':>5} | {'kernel':>6} {'x':>5}  config")
     for r in rows:
