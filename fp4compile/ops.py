@@ -6,7 +6,6 @@
                                                                                           (NVFP4 x NVFP4)
     fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[]) -> [[..., N_i]]  (high precision x NVFP4)
     fp4::gemm_kernel, fp4::gemm_a16_kernel: the same products, never decomposed
-    fp4::mm_f32(a [M, K], b [N, K]) -> fp32 [M, N]
     fp4::linear(x, w_packed, w_scales, w_pts, bias?, act_pts?, scheme) -> [..., N]        (a calibrated layer)
 
 A GEMM op takes a list of weights that all multiply its activation (one linear layer, or a group such as
@@ -18,9 +17,9 @@ buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer with
 For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with the op that produces the
 activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
-kernels up to 128 rows), or on CUDA with more rows an exact dequantize, ``mm_f32`` (cuBLAS) and a fused epilogue
-per weight. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype
-(``gemm``: ``out_dtype``).
+kernels up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
+a fused epilogue per weight. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the
+activation's dtype (``gemm``: ``out_dtype``).
 """
 
 import torch
@@ -120,15 +119,14 @@ for _op in (gemm_a16, gemm_a16_kernel):
     _op.register_fake(_gemm_a16_fake)
 
 
-@torch.library.custom_op("fp4::mm_f32", mutates_args=())
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [N, K].T`` accumulated and returned in fp32 (on CUDA: cuBLAS with bf16/fp16 operands)."""
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ b [N, K].T`` accumulated and returned in fp32. On CUDA aten ``mm`` with ``out_dtype``, which
+    Inductor runs as its own cuBLAS call; a custom op here compiled 12-18 s slower at 32 Llama-3-8B layers
+    (tools/KERNEL_NOTES.md, versions 11 and 12). On CPU, where ``mm`` has no ``out_dtype``, and for fp32 operands:
+    an fp32 matmul."""
+    if a.device.type == "cuda" and a.dtype != torch.float32:
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
     return a.float() @ b.float().t()
-
-
-@mm_f32.register_fake
-def _(a, b):
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
 
 def _rows(x: torch.Tensor):
@@ -149,7 +147,7 @@ def _gemm_plan(x: torch.Tensor) -> str:
       ``kernels.DIRECT_MAX_ROWS`` rows, the Triton kernels that read the packed weight once (GEMV for one row,
       tensor cores with the weight dequantized in registers for more);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
-      fp4::mm_f32 (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
+      ``_mm_f32`` (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
       fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. Inductor
       generates the dequantize once per layer; ``format.dequantize_blocks_by_bits`` both compiles and runs faster
       there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9
@@ -169,7 +167,7 @@ def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bi
     a = nvfp4.dequantize_blocks_by_bits(a_packed.flatten(0, -2), a_scales.flatten(0, -2), torch.bfloat16)
     outs = []
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
-        acc = torch.ops.fp4.mm_f32(a, nvfp4.dequantize_blocks_by_bits(p, s, torch.bfloat16))
+        acc = _mm_f32(a, nvfp4.dequantize_blocks_by_bits(p, s, torch.bfloat16))
         outs.append(_epilogue(acc, a_pts * pts, b, a_packed.shape[:-1], out_dtype))
     return outs
 
@@ -180,7 +178,7 @@ def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias):
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
     outs = []
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
-        acc = torch.ops.fp4.mm_f32(x.flatten(0, -2), nvfp4.dequantize_blocks_by_bits(p, s, x.dtype))
+        acc = _mm_f32(x.flatten(0, -2), nvfp4.dequantize_blocks_by_bits(p, s, x.dtype))
         outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
     return outs
 
@@ -222,7 +220,6 @@ def _register_cuda_kernels() -> None:
         op.register_kernel("cuda")(kernels.gemm)
     for op in (gemm_a16, gemm_a16_kernel):
         op.register_kernel("cuda")(kernels.gemm_a16)
-    mm_f32.register_kernel("cuda")(kernels.mm_f32)
 
 
 _register_cuda_kernels()

@@ -135,3 +135,12 @@ def test_decode_by_bits_equals_the_arithmetic_decode():
         got = nvfp4.dequantize_blocks_by_bits(packed, scales, dtype)
         expect = nvfp4.dequantize_parts(packed, scales, None, dtype)
         assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))  # bit patterns, so -0.0 counts
+
+
+def test_global_scale_is_the_correctly_rounded_fp32_quotient():
+    """The fp64 division rounded to fp32 (exact under Inductor's CUDA code, see global_scale_from_amax) equals
+    fp32's own correctly rounded division for every kind of fp32 amax: random bit patterns over the whole
+    positive range, subnormals and the largest finite value included."""
+    bits = torch.randint(0, 0x7F800000, (1_000_000,), dtype=torch.int32)
+    amax = torch.cat([bits.view(torch.float32), torch.tensor([0.0, 2.0**-149, torch.finfo(torch.float32).max])])
+    assert torch.equal(nvfp4.global_scale_from_amax(amax), amax / 2688.0)

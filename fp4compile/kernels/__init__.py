@@ -164,9 +164,3 @@ def quantize_blocks(x, pts):
 
     return triton_quantize.quantize_blocks(x, pts)
 
-
-def mm_f32(a, b):
-    """``a [M, K] @ b [N, K].T`` with an fp32 accumulator and output: cuBLAS for bf16/fp16 operands."""
-    if a.dtype in _HALF_DTYPES and a.dtype == b.dtype:
-        return torch.mm(a, b.t(), out_dtype=torch.float32)
-    return a.float() @ b.float().t()
