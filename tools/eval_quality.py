@@ -223,6 +223,7 @@ def main() -> None:
     p.add_argument("--eval-text", default="pydoc,kjv", help="comma list of texts other than the calibration one")
     p.add_argument("--eval-tokens", type=int, default=12288, help="per evaluation text")
     p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="of the calibration windows' places and of generated text")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="append results as JSON lines to this file")
@@ -242,8 +243,9 @@ def main() -> None:
              for t in args.eval_text.split(",")}
     shares = [args.calib_samples // len(calib_texts) + (i < args.calib_samples % len(calib_texts))
               for i in range(len(calib_texts))]
-    calib = torch.cat([generated_windows(model, tok, args.seq_len, n) if name == "generated" else
-                       calibration_windows(tok, name, args.seq_len, n) for name, n in zip(calib_texts, shares)])
+    calib = torch.cat([generated_windows(model, tok, args.seq_len, n, args.seed) if name == "generated" else
+                       calibration_windows(tok, name, args.seq_len, n, args.seed)
+                       for name, n in zip(calib_texts, shares)])
     print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: {args.calib_text} "
           f"{calib.shape[0]} x {calib.shape[1]} tokens", flush=True)
     # W4A4 perplexity moves with bit-level changes in the activations, so results carry the versions behind them
@@ -254,9 +256,9 @@ def main() -> None:
             print(json.dumps(asdict(r)), flush=True)
             if args.out:
                 with args.out.open("a") as f:
-                    f.write(json.dumps({**asdict(r), "calib_text": args.calib_text, "eval_tokens": args.eval_tokens,
-                                        "seq_len": args.seq_len, "threads": args.threads,
-                                        "versions": versions}) + "\n")
+                    f.write(json.dumps({**asdict(r), "calib_text": args.calib_text, "seed": args.seed,
+                                        "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
+                                        "threads": args.threads, "versions": versions}) + "\n")
 
 
 if __name__ == "__main__":
