@@ -231,16 +231,15 @@ def main() -> None:
     reason = missing_requirements()
     if reason:
         raise SystemExit(reason)
-    calib_texts = args.calib_text.split("+")
+    calib_texts, eval_texts = args.calib_text.split("+"), args.eval_text.split(",")
     for name in calib_texts:
         if name not in (*TEXTS, "generated"):
             raise SystemExit(f"unknown calibration text {name!r}; expected {', '.join(TEXTS)} or generated")
-        if name in args.eval_text.split(","):
+        if name in eval_texts:
             raise SystemExit(f"--eval-text must not include the calibration text {name!r}")
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    evals = {t: windows(tok, load_text(t), args.seq_len, args.eval_tokens // args.seq_len)
-             for t in args.eval_text.split(",")}
+    evals = {t: windows(tok, load_text(t), args.seq_len, args.eval_tokens // args.seq_len) for t in eval_texts}
     shares = [args.calib_samples // len(calib_texts) + (i < args.calib_samples % len(calib_texts))
               for i in range(len(calib_texts))]
     calib = torch.cat([generated_windows(model, tok, args.seq_len, n, args.seed) if name == "generated" else
