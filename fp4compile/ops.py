@@ -18,7 +18,7 @@ For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with
 activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
 kernels up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
-a fused epilogue per weight. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the
+a fused epilogue per weight; Inductor generates that dequantize + ``mm`` once per shape, not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the
 activation's dtype (``gemm``: ``out_dtype``).
 """
 
@@ -40,6 +40,31 @@ def _quantized_shapes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
     packed = x.new_empty((*x.shape[:-1], k // 2), dtype=torch.uint8)
     return packed, x.new_empty((*x.shape[:-1], k // nvfp4.BLOCK_SIZE), dtype=torch.uint8)
+
+
+class _Region(torch.nn.Module):
+    """A function of tensors, as the module ``invoke_subgraph`` traces (its result always a tuple)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *operands):
+        out = self.fn(*operands)
+        return out if isinstance(out, tuple) else (out,)
+
+
+def _generated_once(fn, *operands: torch.Tensor):
+    """``fn(*operands)`` as a call of torch's ``invoke_subgraph``: Inductor lowers ``fn`` and generates its code once
+    for all the calls whose operands have the same dtypes, shapes and strides (the identifier says which), where it
+    would otherwise do it again for every layer. Used on CUDA for the activation quantize and the large-M plan's
+    dequantize + GEMM, whose per-layer code generation made the compile of 32 Llama-3-8B layers take 1.9-2.9x as
+    long as bf16's (tools/KERNEL_NOTES.md, version 13). What follows such a call (a GEMM's epilogue) still fuses
+    with the ops after it."""
+    meta = "_".join(f"{t.dtype}_{tuple(t.shape)}_{t.stride()}" for t in operands)
+    identifier = "fp4_" + fn.__name__.strip("_") + "_" + "".join(c if c.isalnum() else "_" for c in meta)
+    out = torch.ops.higher_order.invoke_subgraph(_Region(fn), identifier, *operands)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 @torch.library.custom_op("fp4::quantize_blocks", mutates_args=())
@@ -77,7 +102,14 @@ def _(x, global_scale=None):
     return (*_quantized_shapes(x), x.new_empty((), dtype=torch.float32))
 
 
-register_decomposition(torch.ops.fp4.quantize_act.default)(_quantize_act)
+@register_decomposition(torch.ops.fp4.quantize_act.default)
+def _quantize_act_decomposition(x: torch.Tensor, global_scale: torch.Tensor | None = None):
+    if _block_quantizer(x.device) is _plain_quantize_blocks:  # plain torch: fused with the activation's producer
+        return _quantize_act(x, global_scale)
+    # The block quantize is an extern call, so the activation is materialized anyway: amax, scale and the call are
+    # generated once per activation shape.
+    operands = (x,) if global_scale is None else (x, global_scale)
+    return _generated_once(_quantize_act, *operands)
 
 
 def _out_shape(lead: torch.Size, w_packed: torch.Tensor) -> tuple[int, ...]:
@@ -140,6 +172,16 @@ def _epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias, lead, out_dtype: tor
     return out.to(out_dtype).reshape(*lead, acc.shape[-1])
 
 
+def _dequantize_bf16(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return nvfp4.dequantize_blocks_by_bits(packed, scales, torch.bfloat16)
+
+
+def _dequantize_mm(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """``a @ (e2m1 * S_b).T`` accumulated in fp32: the weight dequantized exactly to ``a``'s dtype, then
+    :func:`_mm_f32`."""
+    return _mm_f32(a, nvfp4.dequantize_blocks_by_bits(w_packed, w_scales, a.dtype))
+
+
 def _gemm_plan(x: torch.Tensor) -> str:
     """How Inductor runs a GEMM whose activation (or its packed form) is ``x``:
 
@@ -148,10 +190,11 @@ def _gemm_plan(x: torch.Tensor) -> str:
       tensor cores with the weight dequantized in registers for more);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
       ``_mm_f32`` (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
-      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. Inductor
-      generates the dequantize once per layer; ``format.dequantize_blocks_by_bits`` both compiles and runs faster
-      there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9
-      s, 1024-token prefill 17.44 -> 16.08 ms, the same logits). A group of weights runs one GEMM per weight here:
+      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. The
+      dequantize + GEMM is generated once per operand shape (``_generated_once``), not once per layer.
+      ``format.dequantize_blocks_by_bits`` both compiles and runs faster there than the reference's arithmetic
+      decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08
+      ms, the same logits). A group of weights runs one GEMM per weight here:
       every way of stacking them for one cuBLAS call made Inductor's dequantize slower than the GEMM saved (H200,
       M = 1024, q/k/v of Llama-3-8B: 158 us stacked against 104 us one by one; tools/KERNEL_NOTES.md, version 10).
     """
@@ -164,10 +207,10 @@ def _gemm_plan(x: torch.Tensor) -> str:
 def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     if _gemm_plan(a_packed) == "kernel":
         return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
-    a = nvfp4.dequantize_blocks_by_bits(a_packed.flatten(0, -2), a_scales.flatten(0, -2), torch.bfloat16)
+    a = _generated_once(_dequantize_bf16, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
     outs = []
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
-        acc = _mm_f32(a, nvfp4.dequantize_blocks_by_bits(p, s, torch.bfloat16))
+        acc = _generated_once(_dequantize_mm, a, p, s)
         outs.append(_epilogue(acc, a_pts * pts, b, a_packed.shape[:-1], out_dtype))
     return outs
 
@@ -178,7 +221,7 @@ def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias):
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
     outs = []
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
-        acc = _mm_f32(x.flatten(0, -2), nvfp4.dequantize_blocks_by_bits(p, s, x.dtype))
+        acc = _generated_once(_dequantize_mm, x.flatten(0, -2), p, s)
         outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
     return outs
 

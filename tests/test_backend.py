@@ -336,6 +336,27 @@ def test_multi_row_cuda_plan_compiles_and_matches(monkeypatch, scheme):
         assert "torch.ops.fp4.gemm" in code[0] and "extern_kernels.mm(" not in code[0]
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
+def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
+    """Layers of the same shapes share one generated dequantize + ``mm`` in the large-M plan, and one generated
+    activation quantize (CUDA's plan and block quantize, forced onto the CPU): three MLPs have two weight shapes and
+    two activation shapes, so the compiled code holds two calls of each, not six."""
+    import fp4compile.ops
+
+    monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x: "dequantize")
+    monkeypatch.setattr(fp4compile.ops, "_block_quantizer", lambda device: torch.ops.fp4.quantize_blocks)
+    torch.manual_seed(0)
+    model, x = nn.Sequential(MLP(), MLP(), MLP()).to(torch.bfloat16), torch.randn(9, 64, dtype=torch.bfloat16)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
+        out, code = run_and_get_code(compile_fp4(model, scheme=scheme), x)
+    assert code[0].count("extern_kernels.mm(") == 2
+    assert code[0].count("torch.ops.fp4.quantize_blocks.default(") == (2 if scheme == "nvfp4" else 0)
+    expect = x
+    for mlp in model:
+        expect = emulate_mlp(mlp, expect, scheme)
+    torch.testing.assert_close(out, expect, rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 17, 300])
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
