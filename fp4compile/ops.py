@@ -14,8 +14,9 @@ contiguous). Packed values and block scales cross every Inductor-visible edge as
 (the bit patterns of e2m1 pairs and e4m3 scales): Inductor's C++ backend cannot read or write float4/float8
 buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
 
-For Inductor, ``quantize_act`` decomposes into the amax (plain torch, fused with the op that produces the
-activation) and the block quantize: plain torch on CPU (fused too), the ``quantize_blocks`` Triton kernel on CUDA.
+For Inductor, ``quantize_act`` decomposes into the amax and the block quantize: on CPU both plain torch, fused with
+the op that produces the activation; on CUDA the amax and the ``quantize_blocks`` Triton kernel, generated once per
+activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
 kernels up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
 a fused epilogue per weight; Inductor generates that dequantize + ``mm`` once per shape, not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the
