@@ -5,8 +5,8 @@
 Bit-identical to ``format.quantize_blocks``: divisions are IEEE round-to-nearest (``div_rn``, not Triton's fast
 ``/``), and the e4m3 rounding is done on the fp32 bits (round to 3 mantissa bits, ties to even), which is exact
 for every scale the clamp allows (all are e4m3 normals) and needs no fp8 type, so it runs unchanged in Triton's
-CPU interpreter. The per-tensor scale ``pts`` comes in as a device scalar (computed by the caller, where Inductor
-fuses the amax with the op that produced ``x``).
+CPU interpreter. The per-tensor scale ``pts`` comes in as a device scalar (its amax computed by Inductor, in the
+code ``ops`` generates once per activation shape).
 """
 
 import torch
