@@ -42,6 +42,8 @@ class Format:
     quantize(w [N, m], P [N, m], T) -> codes [N, m]      (elementwise, each element with its group's params)
     dequantize(codes [N, m], P [N, m], T) -> fp32 values [N, m]
     finish(codes [N, K], P [N, K/size], T) -> the quantized tensor (dequantizes to exactly those values)
+    refit(w [N, K], codes [N, K], P [N, G], T, h [K, K]) -> P  (params no worse than P for these codes, by
+                                                               tr((W - Q) H (W - Q)^T))
     """
 
     group_size: int
@@ -50,6 +52,7 @@ class Format:
     quantize: Callable
     dequantize: Callable
     finish: Callable
+    refit: Callable
 
 
 def _nvfp4_quantize(x: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,45 @@ def search_block_scales(x: torch.Tensor, pts: torch.Tensor, targets: tuple[float
     return best_scale
 
 
+_E4M3_SMALLEST_SCALE = 0x08  # bit pattern of 2**-6, the smallest block scale the reference gives
+_E4M3_LARGEST_FINITE = 0x7E  # bit pattern of 448; 0x7F is NaN
+
+
+def refit_block_scales(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor,
+                       h: torch.Tensor, sweeps: int = 2, reach: int = 2) -> torch.Tensor:
+    """e4m3 block scales for fixed e2m1 ``codes`` that lower each row's ``(w - q) H (w - q)^T`` (``q`` the values
+    they dequantize to): coordinate descent over the blocks, ``sweeps`` times, each block trying the e4m3 values
+    up to ``reach`` steps either side of its scale (within the reference's range, 2**-6 to 448) and keeping the best
+    (its own when none is better).
+
+    With ``r = w - q`` and ``g = r H``, moving block ``b``'s values by ``d`` changes the error by
+    ``-2 d . g_b + d H_bb d`` (H symmetric), and ``g`` then by ``-d H_b``: one block costs O(N * 16 * K).
+    """
+    n, k = w.shape
+    size = nvfp4.BLOCK_SIZE
+    per_scale = nvfp4.e2m1_to_float(codes) * pts  # [N, K]: the values a block scale of 1 gives
+    bits = scales.view(torch.uint8).long().clone()  # [N, G]
+    value = scales.float().clone()
+    g = (w - (per_scale.unflatten(1, (-1, size)) * value.unsqueeze(-1)).flatten(1)) @ h
+    steps = torch.tensor([0, *range(-reach, 0), *range(1, reach + 1)], device=w.device)  # 0 first: ties keep it
+    for _ in range(sweeps):
+        for b in range(k // size):
+            cols = slice(b * size, (b + 1) * size)
+            v, gb = per_scale[:, cols], g[:, cols]
+            cand = (bits[:, b, None] + steps).clamp(_E4M3_SMALLEST_SCALE, _E4M3_LARGEST_FINITE)  # [N, C]
+            d = (_e4m3_value(cand) - value[:, b, None]).unsqueeze(-1) * v.unsqueeze(1)  # [N, C, 16]
+            change = -2 * (d * gb.unsqueeze(1)).sum(-1) + ((d @ h[cols, cols]) * d).sum(-1)  # [N, C]
+            best = change.argmin(dim=1, keepdim=True)
+            g -= d.gather(1, best.unsqueeze(-1).expand(-1, -1, size)).squeeze(1) @ h[cols]
+            bits[:, b] = cand.gather(1, best).squeeze(1)
+            value[:, b] = _e4m3_value(bits[:, b])
+    return bits.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def _e4m3_value(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
 def nvfp4_format(search: ScaleSearch = "none") -> Format:
     """NVFP4 as a :class:`Format`: T = the global scale (from the weight's amax), P = e4m3 block scales."""
     targets = SCALE_TARGETS[search]
@@ -102,6 +144,7 @@ def nvfp4_format(search: ScaleSearch = "none") -> Format:
         quantize=_nvfp4_quantize,
         dequantize=_nvfp4_dequantize,
         finish=_nvfp4_finish,
+        refit=refit_block_scales,
     )
 
 
@@ -215,7 +258,7 @@ def check_shrink(shrink: float) -> None:
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: float = 0.01,
          blocksize: int = 128, act_order: bool = False, scale_timing: ScaleTiming = "upfront",
-         shrink: float = 0.0, retries: int = 4) -> GPTQResult:
+         shrink: float = 0.0, refit_rounds: int = 0, retries: int = 4) -> GPTQResult:
     """Quantize ``weight`` ``[N, K]`` given its layer's input Hessian ``[K, K]`` (see :class:`Hessian`).
 
     scale_timing: "sweep" sets each group's params when the sweep reaches it, from the error-updated weights, and
@@ -223,12 +266,16 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
     groups along the original K, so it needs "upfront". shrink (0 to 1) scales H's off-diagonal terms by
     ``1 - shrink`` (a shrinkage towards its diagonal): the error of each column is carried less onto the columns
     correlated with it in the calibration data, while each column's weight in the scale search and act-order
-    stays; 1 leaves no error feedback. If no dampening (percdamp x 10 per retry) makes H positive definite, the
-    layer falls back to :func:`rtn` with a warning.
+    stays; 1 leaves no error feedback. refit_rounds: after the sweep, the group params are set anew for the codes
+    it chose (``Format.refit``, by the same H); each further round sweeps again with those params and refits
+    again. If no dampening (percdamp x 10 per retry) makes H positive definite, the layer falls back to :func:`rtn`
+    with a warning.
     """
     check_shrink(shrink)
     if act_order and scale_timing != "upfront":
         raise ValueError("act_order keeps groups along the original K, so it needs scale_timing='upfront'")
+    if refit_rounds < 0:
+        raise ValueError(f"refit_rounds must be 0 or more, got {refit_rounds}")
     g = fmt.group_size
     if blocksize % g:
         raise ValueError(f"blocksize must be a multiple of the group size {g}, got {blocksize}")
@@ -239,12 +286,13 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
     if shrink:
         h = (1 - shrink) * h + shrink * torch.diag(h.diagonal())
     w[:, dead] = 0
+    target, target_h = w, h  # what a refit aims at, in the original column order
     importance = h.diagonal().clone()  # [K], original column order
     t = fmt.tensor_params(weight.detach().float())
     params = fmt.group_params(w.reshape(n, -1, g), t, importance.reshape(-1, g))  # [N, K/g]; "sweep" redoes them
     group_of = torch.arange(k, device=w.device) // g  # group of each column, in sweep order
+    perm = torch.argsort(importance, descending=True) if act_order else None
     if act_order:
-        perm = torch.argsort(importance, descending=True)
         w, h, group_of = w[:, perm], h[perm][:, perm], group_of[perm]
 
     factor = _upper_cholesky_of_inverse(h, percdamp, retries)
@@ -256,6 +304,27 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
         return result
     hinv, used_damp = factor
 
+    sweep_sets_params = scale_timing == "sweep"
+    for round_ in range(refit_rounds + 1):
+        if round_:
+            params = fmt.refit(target, codes, params, t, target_h)
+            if round_ == refit_rounds:
+                break
+            sweep_sets_params = False
+        codes = _sweep(w, hinv, params, group_of, fmt, t, blocksize, importance if sweep_sets_params else None)
+        if act_order:
+            codes = codes[:, torch.argsort(perm)]
+    pe = params.repeat_interleave(g, dim=1)
+    return GPTQResult(fmt.finish(codes, params, t), fmt.dequantize(codes, pe, t), used_damp)
+
+
+def _sweep(w: torch.Tensor, hinv: torch.Tensor, params: torch.Tensor, group_of: torch.Tensor, fmt: Format, t,
+           blocksize: int, importance: torch.Tensor | None) -> torch.Tensor:
+    """The column sweep of :func:`gptq` over ``w`` (in sweep order; not modified): codes in sweep order. With
+    ``importance``, each group's params are set (in ``params``, in place) when the sweep reaches the group."""
+    w = w.clone()
+    n, k = w.shape
+    g = fmt.group_size
     codes = torch.empty((n, k), dtype=torch.uint8, device=w.device)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
@@ -264,7 +333,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if scale_timing == "sweep" and col % g == 0:
+            if importance is not None and col % g == 0:
                 imp = importance[col:col + g].unsqueeze(0)
                 params[:, col // g] = fmt.group_params(w1[:, i:i + g].unsqueeze(1), t, imp)[:, 0]
             p = params[:, group_of[col]].unsqueeze(1)  # [N, 1]
@@ -275,11 +344,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
             w1[:, i:] -= e * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e[:, 0]
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
-    if act_order:
-        codes = codes[:, torch.argsort(perm)]
-    pe = params.repeat_interleave(g, dim=1)
-    return GPTQResult(fmt.finish(codes, params, t), fmt.dequantize(codes, pe, t), used_damp)
+    return codes
 
 
 def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:

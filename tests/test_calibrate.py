@@ -281,9 +281,10 @@ def test_true_sequential_does_not_track_the_unquantized_model_worse(scheme):
     err, outputs = {}, {}
     for true_sequential in (False, True):
         model = tiny_lm()
-        # plain GPTQ (no shrink, no asymmetric target): the error feedback that true sequential builds on, alone
+        # plain GPTQ (no shrink, no asymmetric target, no refit): the error feedback that true sequential builds
+        # on, alone
         calibrate(model, data, scheme=scheme, true_sequential=true_sequential, shrink=0.0, asymmetric=0.0,
-                  progress=False)
+                  refit_rounds=0, progress=False)
         err[true_sequential], outputs[true_sequential] = rel_err(model(test), ref), model(test)
     assert err[True] <= err[False], err
     assert not torch.equal(outputs[True], outputs[False])
@@ -308,6 +309,23 @@ def test_shrink_default_per_scheme_and_range():
     assert not torch.equal(packed[None], packed[0.0])
     with pytest.raises(ValueError, match="shrink"):
         calibrate(tiny_lm(), data, scheme="nvfp4a16", shrink=-0.1, progress=False)
+
+
+def test_refit_rounds_change_only_block_scales_and_are_checked_first():
+    """The default refit (one round) moves block scales only: the first layer, whose inputs do not depend on it,
+    keeps GPTQ's codes and global scale. A negative count is an error before any calibration work."""
+    data = token_batches(4)
+    layers = {}
+    for rounds in (0, 1):
+        model = tiny_lm()
+        calibrate(model, data, scheme="nvfp4a16", refit_rounds=rounds, progress=False)
+        layers[rounds] = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    plain, refit = layers[0][0], layers[1][0]
+    assert torch.equal(plain.weight_packed, refit.weight_packed)
+    assert torch.equal(plain.weight_global_scale, refit.weight_global_scale)
+    assert any(not torch.equal(p.weight_scales, r.weight_scales) for p, r in zip(layers[0], layers[1]))
+    with pytest.raises(ValueError, match="refit_rounds"):
+        calibrate(tiny_lm(), data, scheme="nvfp4a16", refit_rounds=-1, progress=False)
 
 
 def test_toy_linear_stack_gptq_output_mse_at_most_035_of_rtn():

@@ -191,3 +191,43 @@ def test_hessian_cross_term_and_asymmetric_target():
     err = {name: ((x @ G.gptq(t, h.h, fmt, act_order=True).dequantized.T - ref @ w.T) ** 2).mean()
            for name, t in (("plain", w), ("asymmetric", target))}
     assert err["asymmetric"] < 0.7 * err["plain"], err
+
+
+def _hessian_error(w, q, h):
+    d = w - q
+    return ((d @ h) * d).sum(1)  # per row
+
+
+def test_refit_block_scales_never_raises_a_rows_error_and_stays_in_range():
+    """The refit keeps the codes and changes only block scales, each to an e4m3 value in the reference's range,
+    and no row's ``(w - q) H (w - q)^T`` grows; awkward blocks (all zero, one huge element, tiny) included."""
+    torch.manual_seed(5)
+    x = correlated_inputs(512, 128, seed=5)
+    h = hessian_of(x)
+    w = torch.randn(40, 128)
+    w[0, :16] = 0  # a zero block
+    w[1, 16] = 1e3  # a block dominated by one element
+    w[2, 32:48] *= 1e-6  # a tiny block
+    q = G.gptq(w, h, G.nvfp4_format("mse"), act_order=True).quantized
+    codes = nvfp4.unpack(q.packed)
+    refit = G.refit_block_scales(w, codes, q.scales, q.global_scale, h)
+    after = nvfp4.dequantize(nvfp4.NVFP4Tensor(q.packed, refit, q.global_scale))
+    before_err, after_err = _hessian_error(w, nvfp4.dequantize(q), h), _hessian_error(w, after, h)
+    assert (after_err <= before_err * (1 + 1e-5) + 1e-12).all()
+    assert after_err.sum() < 0.98 * before_err.sum()
+    values = refit.float()
+    assert ((values >= nvfp4.F8_E4M3_MIN_SCALE) & (values <= nvfp4.F8_E4M3_MAX)).all()
+    assert (refit.view(torch.uint8) != q.scales.view(torch.uint8)).any()
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_refit_rounds_lower_the_error_gptq_aims_at_and_stay_exact(layer, rounds):
+    w, _, h = layer
+    fmt = G.nvfp4_format("mse")
+    plain = G.gptq(w, h, fmt, act_order=True, shrink=0.5)
+    refit = G.gptq(w, h, fmt, act_order=True, shrink=0.5, refit_rounds=rounds)
+    assert torch.equal(nvfp4.dequantize(refit.quantized), refit.dequantized)
+    shrunk = 0.5 * h + 0.5 * torch.diag(h.diagonal())  # the Hessian GPTQ and the refit both use
+    assert G.output_error(w, refit.dequantized, shrunk) < G.output_error(w, plain.dequantized, shrunk)
+    with pytest.raises(ValueError, match="refit_rounds"):
+        G.gptq(w, h, fmt, refit_rounds=-1)
