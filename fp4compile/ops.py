@@ -19,8 +19,9 @@ the op that produces the activation; on CUDA the amax and the ``quantize_blocks`
 activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
 kernels up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
-a fused epilogue per weight; Inductor generates that dequantize + ``mm`` once per shape, not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``. A GEMM returns the
-activation's dtype (``gemm``: ``out_dtype``).
+a fused epilogue per weight; Inductor generates that dequantize + ``mm`` once per shape, not once per layer. On CUDA
+the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
+``out_dtype``).
 """
 
 import torch
@@ -174,6 +175,7 @@ def _epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias, lead, out_dtype: tor
 
 
 def _dequantize_bf16(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An NVFP4 activation as exact bf16 ``e2m1 * S_b`` (the per-tensor scale goes into the epilogue)."""
     return nvfp4.dequantize_blocks_by_bits(packed, scales, torch.bfloat16)
 
 
