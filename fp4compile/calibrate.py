@@ -416,7 +416,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
               blocksize: int = 128, act_order: bool = True, scale_search: G.ScaleSearch = "mse",
               scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
               static_activation_scale: bool = False, asymmetric: float | None = None,
-              true_sequential: bool | None = None, shrink: float | None = None, refit_rounds: int = 1,
+              true_sequential: bool | None = None, shrink: float | None = None, refit_rounds: int = 0,
               skip: Iterable[str] = DEFAULT_SKIP, progress: bool = True) -> CalibrationReport:
     """Quantize ``model``'s eligible linears with GPTQ on ``data`` and replace them, in place, by ``NVFP4Linear``.
 
@@ -444,10 +444,10 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         is carried less onto the columns it correlates with in the calibration data; 0.5 measured better than plain
         GPTQ on text unlike the calibration data and on text like it (tools/QUALITY.md). 0 is plain GPTQ, 1 no
         error feedback at all. None: ``SHRINK_DEFAULT[scheme]``.
-    refit_rounds: after GPTQ, each block scale is set anew for the codes GPTQ chose, by the layer's output error on
+    refit_rounds: after GPTQ, set each block scale anew for the codes GPTQ chose, by the layer's output error on
         the calibration inputs (``gptq.refit_block_scales``); each further round runs GPTQ again with those scales
-        and refits again. 1 measured better than 0 on both evaluation texts for both schemes; 2 helped the text
-        near the calibration data and hurt the distant one (tools/QUALITY.md).
+        and refits again. Off by default: one round changed perplexity by less than the choice of calibration
+        windows does, better with one seed and worse with another for nvfp4a16 (tools/QUALITY.md).
     skip: fnmatch patterns of module names (full or last component) left in high precision.
     Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
     """

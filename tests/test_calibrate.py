@@ -281,10 +281,9 @@ def test_true_sequential_does_not_track_the_unquantized_model_worse(scheme):
     err, outputs = {}, {}
     for true_sequential in (False, True):
         model = tiny_lm()
-        # plain GPTQ (no shrink, no asymmetric target, no refit): the error feedback that true sequential builds
-        # on, alone
+        # plain GPTQ (no shrink, no asymmetric target): the error feedback that true sequential builds on, alone
         calibrate(model, data, scheme=scheme, true_sequential=true_sequential, shrink=0.0, asymmetric=0.0,
-                  refit_rounds=0, progress=False)
+                  progress=False)
         err[true_sequential], outputs[true_sequential] = rel_err(model(test), ref), model(test)
     assert err[True] <= err[False], err
     assert not torch.equal(outputs[True], outputs[False])
@@ -312,14 +311,15 @@ def test_shrink_default_per_scheme_and_range():
 
 
 def test_refit_rounds_change_only_block_scales_and_are_checked_first():
-    """The default refit (one round) moves block scales only: the first layer, whose inputs do not depend on it,
-    keeps GPTQ's codes and global scale. A negative count is an error before any calibration work."""
+    """One refit round moves block scales only: the first layer, whose inputs do not depend on it, keeps GPTQ's
+    codes and global scale. The default is no refit; a negative count is an error before any calibration work."""
     data = token_batches(4)
     layers = {}
-    for rounds in (0, 1):
-        model = tiny_lm()
-        calibrate(model, data, scheme="nvfp4a16", refit_rounds=rounds, progress=False)
+    for rounds in (None, 0, 1):
+        model, options = tiny_lm(), {} if rounds is None else {"refit_rounds": rounds}
+        calibrate(model, data, scheme="nvfp4a16", progress=False, **options)
         layers[rounds] = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    assert all(torch.equal(d.weight_scales, p.weight_scales) for d, p in zip(layers[None], layers[0]))
     plain, refit = layers[0][0], layers[1][0]
     assert torch.equal(plain.weight_packed, refit.weight_packed)
     assert torch.equal(plain.weight_global_scale, refit.weight_global_scale)

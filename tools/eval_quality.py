@@ -40,11 +40,11 @@ PYDOC = Path("/usr/share/doc/python3.11/html/_sources")
 
 # name -> calibrate() keyword arguments; "base" and "rtn*" are handled apart. Each "gptq-*" variant changes one
 # setting of the plain GPTQ ("gptq-6": reference block scales, amax -> 6, set as the sweep reaches each group).
-_PLAIN = {"scale_search": "none", "scale_timing": "sweep", "act_order": False, "asymmetric": 0.0, "refit_rounds": 0,
+_PLAIN = {"scale_search": "none", "scale_timing": "sweep", "act_order": False, "asymmetric": 0.0,
           "true_sequential": False, "shrink": 0.0}
 GPTQ_VARIANTS = {
-    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5, one refit of the
-    # block scales; asymmetric 0.5 (nvfp4a16) / 0.25 (nvfp4); for nvfp4a16 also true sequential
+    "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5; asymmetric 0.5
+    # (nvfp4a16) / 0.25 (nvfp4); for nvfp4a16 also true sequential
     "gptq-asym0": {"asymmetric": 0.0},  # the defaults without the asymmetric target
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
@@ -70,7 +70,7 @@ GPTQ_VARIANTS = {
     "gptq-shrink0.2": {"shrink": 0.2},
     "gptq-shrink0.5": {"shrink": 0.5},
     "gptq-shrink0.8": {"shrink": 0.8},
-    "gptq-refit0": {"refit_rounds": 0},  # the defaults without the block-scale refit
+    "gptq-refit1": {"refit_rounds": 1},  # the defaults plus a refit of the block scales
     "gptq-refit2": {"refit_rounds": 2},
 }
 
