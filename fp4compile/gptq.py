@@ -10,6 +10,7 @@ The math is the paper's Algorithm 1 with lazy block updates:
     H   += percdamp * mean(diag(H)) * I
     U    = cholesky(H^-1, upper)
     for each column i (in blocks of `blocksize`):  q_i = Q(w_i);  e = (w_i - q_i) / U_ii;  W[:, i:] -= e U[i, i:]
+    P    = refit(W, codes, P, H)           (optional: group params refitted for the codes, see gptq())
 """
 
 import math
