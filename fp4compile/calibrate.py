@@ -455,8 +455,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if shrink is not None:
         G.check_shrink(shrink)  # before any calibration work
-    if refit_rounds < 0:
-        raise ValueError(f"refit_rounds must be 0 or more, got {refit_rounds}")
+    G.check_refit_rounds(refit_rounds)
     if static_activation_scale and scheme != "nvfp4":
         raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
     t0 = time.perf_counter()

@@ -257,6 +257,12 @@ def check_shrink(shrink: float) -> None:
         raise ValueError(f"shrink must be between 0 and 1, got {shrink}")
 
 
+def check_refit_rounds(refit_rounds: int) -> None:
+    """Raise ValueError unless ``refit_rounds`` (see :func:`gptq`) is 0 or more."""
+    if refit_rounds < 0:
+        raise ValueError(f"refit_rounds must be 0 or more, got {refit_rounds}")
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: float = 0.01,
          blocksize: int = 128, act_order: bool = False, scale_timing: ScaleTiming = "upfront",
          shrink: float = 0.0, refit_rounds: int = 0, retries: int = 4) -> GPTQResult:
@@ -275,8 +281,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, *, percdamp: 
     check_shrink(shrink)
     if act_order and scale_timing != "upfront":
         raise ValueError("act_order keeps groups along the original K, so it needs scale_timing='upfront'")
-    if refit_rounds < 0:
-        raise ValueError(f"refit_rounds must be 0 or more, got {refit_rounds}")
+    check_refit_rounds(refit_rounds)
     g = fmt.group_size
     if blocksize % g:
         raise ValueError(f"blocksize must be a multiple of the group size {g}, got {blocksize}")
