@@ -1,6 +1,6 @@
 """Experiment (not used by the backend): a fused NVFP4 x bf16/fp16 GEMM for Hopper written in Gluon.
 
-    PYTHONPATH=. python3 tools/gluon_gemm.py [--out gluon_gemm.json]
+    PYTHONPATH=. python3 tools/gluon_gemm.py [--out gluon_gemm.json] [--ms 16,128,256,1024,2048,4096]
 
 One kernel reads the packed weight, dequantizes it in registers straight into the layout of wgmma's left operand
 and multiplies it with the activation from shared memory (``out^T = W @ A^T``), so no dequantized weight ever
@@ -13,7 +13,8 @@ current wgmma runs.
 The command checks the kernel against an fp64 product of the dequantized operands (fp32 accumulation: at most
 1e-5 relative; three launches per case, output poisoned with NaN) and times it with ``triton.testing.do_bench``
 against cuBLAS bf16 ``F.linear`` and the backend's own large-M plan (``torch.ops.fp4.gemm_a16`` compiled: exact
-dequantize, cuBLAS with fp32 output, fused epilogue). tools/KERNEL_NOTES.md (version 14) has the results: it
+dequantize, cuBLAS with fp32 output, fused epilogue; at 128 rows and fewer, the backend's tensor-core kernel), and
+at up to 128 rows also as CUDA-graph replays over weight copies that miss L2. tools/KERNEL_NOTES.md (version 14) has the results: it
 beats the plan at 1024 rows and loses at 4096; the backend does not use it yet because it needs the repacked
 weight layout, which the decode kernels do not read (the notes say what wiring it in takes).
 """
@@ -41,7 +42,15 @@ _PTX_BF16 = gl.constexpr(_operand_ptx("bf16"))
 _PTX_F16 = gl.constexpr(_operand_ptx("f16"))
 CONFIGS = [(256, 128, 64, 4, 8), (256, 128, 64, 5, 8), (16, 64, 64, 6, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, STAGES, warps
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192))
-MS = (256, 1024, 2048, 4096)
+MS = (16, 128, 256, 1024, 2048, 4096)
+GRAPH_MS = 128  # and fewer rows: also timed as CUDA-graph replays
+
+
+def configs_for(m: int) -> list:
+    """The configs timed at ``m`` rows: BLOCK_M the rows rounded up to a power of two (16-256), BLOCK_N 128 with
+    8 warps (4 or 5 stages) or 64 with 4 warps."""
+    block_m = min(256, max(16, triton.next_power_of_2(m)))
+    return [(block_m, 128, 64, 4, 8), (block_m, 128, 64, 5, 8), (block_m, 64, 64, 6, 4)]
 
 
 @gluon.constexpr_function
@@ -283,13 +292,17 @@ def check(m, n, k, dtype, with_bias, a_fp4, config) -> dict:
 
 
 def main() -> None:
+    from bench_gemm import graph_us  # tools/ is the script's directory
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "gluon_gemm.json") if "OUT" in os.environ
                         else None, help="JSON results path")
+    parser.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows M")
     args = parser.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "checks": [], "rows": []}
-    for config in CONFIGS:
+    for config in sorted({c for m in ms for c in configs_for(m)}):
         for m, n, k in [(1000, 4096, 4096), (300, 100, 256), (17, 4096, 4096), (4096, 4096, 14336), (1, 200, 256)]:
             for dtype in (torch.bfloat16, torch.float16):
                 for a_fp4 in (False, True) if m == 1000 else (False,):
@@ -302,27 +315,45 @@ def main() -> None:
 
     torch._dynamo.config.cache_size_limit = 64
     plan = torch.compile(lambda x, p, s, t: torch.ops.fp4.gemm_a16(x, [p], [s], [t], [None])[0], dynamic=False)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for n, k in SHAPES:
         w, p, s, pts = random_weight(n, k)
-        for m in MS:
+        for m in ms:
             torch._dynamo.reset()
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            repacked = {c: repack(p, c) for c in configs_for(m)}
+            fused = {c: us(lambda c=c: fused_gemm(x, repacked[c], s, pts, None, out, None, c)) for c in repacked}
+            best = min(fused, key=fused.get)
             row = {"N": n, "K": k, "M": m, "bf16_us": us(lambda: F.linear(x, w)),
-                   "plan_us": us(lambda: plan(x, p, s, pts))}
-            row["fused_us"] = min(us(lambda c=c, r=repack(p, c): fused_gemm(x, r, s, pts, None, out, None, c))
-                                  for c in CONFIGS[:2])
+                   "plan_us": us(lambda: plan(x, p, s, pts)), "fused_us": fused[best], "config": best}
+            if m <= GRAPH_MS:
+                copies = max(2, math.ceil(3 * l2 / (n * k * 9 / 16)))
+                parts = [(repack(p2, best), s2, t2) for p2, s2, t2 in [(p.clone(), s.clone(), pts.clone())
+                                                                        for _ in range(copies)]]
+                plain = [(p.clone(), s.clone(), pts.clone()) for _ in range(copies)]
+                bf16 = [w.clone() for _ in range(max(2, math.ceil(3 * l2 / (2 * n * k))))]
+                row["graph_bf16_us"] = graph_us([lambda w=w: F.linear(x, w) for w in bf16])
+                row["graph_plan_us"] = graph_us([lambda q=q: plan(x, *q) for q in plain])
+                row["graph_fused_us"] = graph_us([lambda q=q: fused_gemm(x, q[0], q[1], q[2], None, out, None, best)
+                                                  for q in parts])
             result["rows"].append(row)
             print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"\n{result['device']}: geo-mean over shapes of bf16 time / time (do_bench medians)")
-    for m in MS:
+    print(f"\n{result['device']}: geo-mean over shapes of bf16 time / time (do_bench medians; CUDA graph in brackets)")
+    for m in ms:
         rows = [r for r in result["rows"] if r["M"] == m]
-        ratio = {key: math.exp(sum(math.log(r["bf16_us"] / r[key]) for r in rows) / len(rows))
-                 for key in ("plan_us", "fused_us")}
-        print(f"  M={m:>5}: backend plan {ratio['plan_us']:.2f}x  Gluon fused {ratio['fused_us']:.2f}x")
+
+        def ratio(key, base="bf16_us"):
+            return math.exp(sum(math.log(r[base] / r[key]) for r in rows) / len(rows))
+
+        line = f"  M={m:>5}: backend plan {ratio('plan_us'):.2f}x  Gluon fused {ratio('fused_us'):.2f}x"
+        if m <= GRAPH_MS:
+            line += (f"  [plan {ratio('graph_plan_us', 'graph_bf16_us'):.2f}x  "
+                     f"fused {ratio('graph_fused_us', 'graph_bf16_us'):.2f}x]")
+        print(line)
 
 
 if __name__ == "__main__":
