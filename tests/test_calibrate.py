@@ -431,3 +431,13 @@ def test_generated_calibration_windows_are_seeded_samples_of_the_model():
     assert rows.shape == (5, 12) and (rows[:, 0] == 1).all()
     assert torch.equal(rows, eval_quality.generated_windows(model, tok, seq_len=12, count=5, batch=2))
     assert not torch.equal(rows, eval_quality.generated_windows(model, tok, seq_len=12, count=5, batch=2, seed=1))
+
+
+def test_eval_quality_variants_name_calibrate_arguments():
+    """Every GPTQ variant of tools/eval_quality.py passes only arguments ``calibrate`` takes, so none fails after its
+    model has loaded."""
+    import inspect
+
+    parameters = inspect.signature(calibrate).parameters
+    for name, kwargs in _eval_quality().GPTQ_VARIANTS.items():
+        assert set(kwargs) <= set(parameters), (name, set(kwargs) - set(parameters))

@@ -70,6 +70,8 @@ GPTQ_VARIANTS = {
     "gptq-shrink0.2": {"shrink": 0.2},
     "gptq-shrink0.5": {"shrink": 0.5},
     "gptq-shrink0.8": {"shrink": 0.8},
+    "gptq-defaults-float-hessian": {"fake_quant_inputs": False},  # nvfp4: Hessians from unquantized activations
+    "gptq-defaults-all-at-once": {"sequential": False},  # every layer sees the unquantized model's activations
     "gptq-refit1": {"refit_rounds": 1},  # the defaults plus a refit of the block scales
     "gptq-refit2": {"refit_rounds": 2},
 }
