@@ -35,7 +35,7 @@ def _holder_of(layout, thread: int, register: int) -> tuple[int, int, int]:
 @pytest.mark.parametrize("config_index", [0, 2])
 def test_repack_puts_each_thread_bytes_in_register_order(gluon_gemm, config_index):
     config = gluon_gemm.CONFIGS[config_index]
-    _, block_n, _, _, warps = config
+    block_n, warps = config[1], config[4]
     n, k = block_n + 24, 256  # a partial row tile (zero-padded) and four K steps
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
     repacked = gluon_gemm.repack(packed, config)

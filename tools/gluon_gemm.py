@@ -15,8 +15,9 @@ The command checks the kernel against an fp64 product of the dequantized operand
 against cuBLAS bf16 ``F.linear`` and the backend's own large-M plan (``torch.ops.fp4.gemm_a16`` compiled: exact
 dequantize, cuBLAS with fp32 output, fused epilogue; at 128 rows and fewer, the backend's tensor-core kernel), and
 at up to 128 rows also as CUDA-graph replays over weight copies that miss L2. tools/KERNEL_NOTES.md (version 14) has the results: it
-beats the plan at 1024 rows and loses at 4096; the backend does not use it yet because it needs the repacked
-weight layout, which the decode kernels do not read (the notes say what wiring it in takes).
+beats the backend's kernels from 16 to 2048 rows and loses to the plan at 4096; the backend does not use it yet
+because it needs the repacked weight layout, which the one-row GEMV does not read (the notes say what wiring it in
+takes).
 """
 
 import argparse
@@ -40,7 +41,8 @@ from fp4compile.kernels.triton_gemm import _operand_ptx, dequantize
 
 _PTX_BF16 = gl.constexpr(_operand_ptx("bf16"))
 _PTX_F16 = gl.constexpr(_operand_ptx("f16"))
-CONFIGS = [(256, 128, 64, 4, 8), (256, 128, 64, 5, 8), (16, 64, 64, 6, 4)]  # BLOCK_M, BLOCK_N, BLOCK_K, STAGES, warps
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, warps, SPLIT_K)
+CONFIGS = [(256, 128, 64, 4, 8, 1), (256, 128, 64, 5, 8, 1), (16, 64, 64, 6, 4, 1), (16, 64, 64, 6, 4, 4)]
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192))
 MS = (16, 128, 256, 1024, 2048, 4096)
 GRAPH_MS = 128  # and fewer rows: also timed as CUDA-graph replays
@@ -48,9 +50,10 @@ GRAPH_MS = 128  # and fewer rows: also timed as CUDA-graph replays
 
 def configs_for(m: int) -> list:
     """The configs timed at ``m`` rows: BLOCK_M the rows rounded up to a power of two (16-256), BLOCK_N 128 with
-    8 warps (4 or 5 stages) or 64 with 4 warps."""
+    8 warps (4 or 5 stages) or 64 with 4 warps; at up to 128 rows also K split 4 ways."""
     block_m = min(256, max(16, triton.next_power_of_2(m)))
-    return [(block_m, 128, 64, 4, 8), (block_m, 128, 64, 5, 8), (block_m, 64, 64, 6, 4)]
+    configs = [(block_m, 128, 64, 4, 8, 1), (block_m, 128, 64, 5, 8, 1), (block_m, 64, 64, 6, 4, 1)]
+    return configs + ([(block_m, 64, 64, 6, 4, 4)] if m <= GRAPH_MS else [])
 
 
 @gluon.constexpr_function
@@ -109,7 +112,7 @@ def _bit_shape(layout):
 def repack(packed, config):
     """[N, K/2] packed bytes -> [N/BLOCK_N (rows zero-padded), K/64, threads * 16] for ``fused_gemm``: the bytes
     thread t holds in a K step of 64 elements at [t * 16, t * 16 + 16), in its register order."""
-    _, block_n, block_k, _, warps = config
+    block_n, warps = config[1], config[4]
     n, half_k = packed.shape
     order = _repack_order(_byte_layout(block_n, warps))
     inverse = [order.index(d) for d in range(len(order))]
@@ -120,14 +123,15 @@ def repack(packed, config):
 
 
 @gluon.jit
-def _copy_step(step, slot, a_desc, off_m, bars, w_ptrs, s_ptrs, s_ok, a_smem, w_smem, s_smem, steps,
+def _copy_step(step, slot, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, s_ok, a_smem, w_smem, s_smem, steps,
                BLOCK_K: gl.constexpr):
-    """K step ``step`` into ring slot ``slot``: the activation tile by TMA (arriving on the slot's mbarrier; rows
-    past M read as zeros), the repacked weight bytes and block scales by cp.async. Steps past the end copy
-    nothing."""
+    """K step ``step`` of this program's slice (which starts at element ``off_k``; ``w_ptrs`` and ``s_ptrs`` point
+    at its start) into ring slot ``slot``: the activation tile by TMA (arriving on the slot's mbarrier; rows past
+    M read as zeros), the repacked weight bytes and block scales by cp.async. Steps past the slice copy nothing."""
     live = step < steps
     mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes, pred=live)
-    tma.async_copy_global_to_shared(a_desc, [off_m, step * BLOCK_K], bars.index(slot), a_smem.index(slot), pred=live)
+    tma.async_copy_global_to_shared(a_desc, [off_m, off_k + step * BLOCK_K], bars.index(slot), a_smem.index(slot),
+                                    pred=live)
     cp.async_copy_global_to_shared(w_smem.index(slot), w_ptrs + step * w_smem.shape[1] * 16, mask=live)
     cp.async_copy_global_to_shared(s_smem.index(slot), s_ptrs + step * (BLOCK_K // 16), mask=s_ok & live)
 
@@ -160,11 +164,13 @@ def _dequantize_step(w_smem, s_smem, slot, byte_layout: gl.constexpr, dot_layout
 
 
 @gluon.jit
-def fused_kernel(a_desc, w_ptr, s_ptr, w_pts_ptr, a_pts_ptr, bias_ptr, out_ptr,
+def fused_kernel(a_desc, w_ptr, s_ptr, w_pts_ptr, a_pts_ptr, bias_ptr, out_ptr, partial_ptr,
                  M, N, K, stride_wn, stride_sn, stride_om,
-                 ALPHA_SHIFT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                 ALPHA_SHIFT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+                 num_warps: gl.constexpr):
     """out[m, n] = alpha * sum_k A[m, k] W[n, k] + bias[n] for a tile of BLOCK_N weight rows and BLOCK_M activation
-    rows; K must be a multiple of BLOCK_K (the launcher checks).
+    rows; K must be a multiple of BLOCK_K (the launcher checks). With SPLIT_K > 1, program (m, n, s) sums the s-th
+    slice of the K steps and stores its raw fp32 sum in ``partial_ptr`` [SPLIT_K, M, N] for the launcher to add up.
 
     Pipeline, per K step i: wgmma(i) is issued on the operand dequantized the step before; while it runs, the
     bytes of step i+1 (copied STAGES - 2 steps ahead) are dequantized; then the wait retires wgmma(i-1), a CTA
@@ -178,6 +184,9 @@ def fused_kernel(a_desc, w_ptr, s_ptr, w_pts_ptr, a_pts_ptr, bias_ptr, out_ptr,
     DTYPE: gl.constexpr = a_desc.dtype
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
+    per_split = gl.cdiv(K // BLOCK_K, SPLIT_K)
+    first = gl.program_id(2) * per_split
+    steps = gl.maximum(gl.minimum(per_split, K // BLOCK_K - first), 0)
 
     # cp.async: 16 bytes per thread of the repacked weight (one thread's bytes), and each row's G scale bytes.
     w_copy: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [num_warps, 1], [1, 0])
@@ -191,20 +200,21 @@ def fused_kernel(a_desc, w_ptr, s_ptr, w_pts_ptr, a_pts_ptr, bias_ptr, out_ptr,
     s_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, G], plain)
 
     thread = gl.arange(0, 32 * num_warps, gl.SliceLayout(1, w_copy))
-    w_ptrs = w_ptr + pid_n * stride_wn + thread[:, None] * 16 + gl.arange(0, 16, gl.SliceLayout(0, w_copy))[None, :]
+    w_ptrs = (w_ptr + pid_n * stride_wn + first * 32 * num_warps * 16 + thread[:, None] * 16
+              + gl.arange(0, 16, gl.SliceLayout(0, w_copy))[None, :])
     rows_s = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, s_copy))
-    s_ptrs = s_ptr + rows_s[:, None] * stride_sn + gl.arange(0, G, gl.SliceLayout(0, s_copy))[None, :]
+    s_ptrs = s_ptr + rows_s[:, None] * stride_sn + first * G + gl.arange(0, G, gl.SliceLayout(0, s_copy))[None, :]
     s_ok = (rows_s < N)[:, None]
     off_m = pid_m * BLOCK_M
+    off_k = first * BLOCK_K
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     bytes3: gl.constexpr = _operand_bytes(gl.to_linear_layout(dot, [BLOCK_N, BLOCK_K]), G)
 
-    steps = K // BLOCK_K
     for s in gl.static_range(STAGES - 2):
-        _copy_step(s, s, a_desc, off_m, bars, w_ptrs, s_ptrs, s_ok, a_smem, w_smem, s_smem, steps, BLOCK_K)
+        _copy_step(s, s, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, s_ok, a_smem, w_smem, s_smem, steps, BLOCK_K)
         cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     cp.wait_group(STAGES - 3)
@@ -219,43 +229,52 @@ def fused_kernel(a_desc, w_ptr, s_ptr, w_pts_ptr, a_pts_ptr, bias_ptr, out_ptr,
         acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
         w_prev = w
         gl.thread_barrier()
-        _copy_step(i + STAGES - 2, (i + STAGES - 2) % STAGES, a_desc, off_m, bars, w_ptrs, s_ptrs, s_ok,
+        _copy_step(i + STAGES - 2, (i + STAGES - 2) % STAGES, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, s_ok,
                    a_smem, w_smem, s_smem, steps, BLOCK_K)
         cp.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     cp.wait_group(0)
 
+    # The tile is out^T: store it through a layout whose threads run along n, the output's contiguous dimension.
+    store: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, store))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, store))
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    if SPLIT_K > 1:
+        partial = partial_ptr + (gl.program_id(2) * M + offs_m[None, :]) * N + offs_n[:, None]
+        gl.store(partial, gl.convert_layout(acc, store), mask=mask)
+        return
     alpha = gl.load(w_pts_ptr) * ALPHA_SHIFT
     if a_pts_ptr is not None:
         alpha = alpha * gl.load(a_pts_ptr)
-    # The tile is out^T: store it through a layout whose threads run along n, the output's contiguous dimension.
-    store: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
     out = gl.convert_layout(acc * alpha, store)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, store))
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, store))
     if bias_ptr is not None:
         out += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     gl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fused_gemm(a, w_repacked, w_scales, w_pts, bias, out, a_pts=None, config=CONFIGS[0]):
     """``out = a @ dequant(w).T * a_pts + bias`` with bf16/fp16 ``a [M, K]`` (an NVFP4 activation arrives
     dequantized, its global scale in ``a_pts``), ``w_repacked = repack(w_packed, config)``; ``out`` [M, N] of any
-    float dtype."""
-    block_m, block_n, block_k, stages, warps = config
+    float dtype. With a K split the slices' fp32 sums are added up, scaled and cast by torch ops afterwards."""
+    block_m, block_n, block_k, stages, warps, split = config
     m, k = a.shape
     n = w_scales.shape[0]
     if block_k != 64 or k % 256:  # the repacked layout's K step; scale rows aligned for 4-byte copies
         raise ValueError(f"this kernel takes BLOCK_K=64 and K a multiple of 256, got {block_k} and K={k}")
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    partials = torch.empty((split, m, n), device=a.device, dtype=torch.float32) if split > 1 else None
+    shift = 2.0**7 if a.dtype == torch.bfloat16 else 2.0**14
     gl_dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, block_k],
                               gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl_dtype))
-    fused_kernel[grid](a_desc, w_repacked, w_scales.view(torch.uint8), w_pts, a_pts, bias, out, m, n, k,
+    fused_kernel[grid](a_desc, w_repacked, w_scales.view(torch.uint8), w_pts, a_pts, bias, out, partials, m, n, k,
                        w_repacked.stride(0), w_scales.stride(0), out.stride(0),
-                       ALPHA_SHIFT=2.0**7 if a.dtype == torch.bfloat16 else 2.0**14,
-                       BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+                       ALPHA_SHIFT=shift, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split, num_warps=warps)
+    if partials is not None:
+        alpha = w_pts.float() * shift * (1.0 if a_pts is None else a_pts.float())
+        total = partials.sum(0) * alpha + (0.0 if bias is None else bias.float())
+        out.copy_(total)
     return out
 
 
@@ -298,11 +317,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "gluon_gemm.json") if "OUT" in os.environ
                         else None, help="JSON results path")
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="activation rows M")
+    parser.add_argument("--no-check", action="store_true", help="time only (the configs were checked before)")
     args = parser.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "checks": [], "rows": []}
-    for config in sorted({c for m in ms for c in configs_for(m)}):
+    for config in [] if args.no_check else sorted({c for m in ms for c in configs_for(m)}):
         for m, n, k in [(1000, 4096, 4096), (300, 100, 256), (17, 4096, 4096), (4096, 4096, 14336), (1, 200, 256)]:
             for dtype in (torch.bfloat16, torch.float16):
                 for a_fp4 in (False, True) if m == 1000 else (False,):
@@ -327,16 +347,19 @@ def main() -> None:
             best = min(fused, key=fused.get)
             row = {"N": n, "K": k, "M": m, "bf16_us": us(lambda: F.linear(x, w)),
                    "plan_us": us(lambda: plan(x, p, s, pts)), "fused_us": fused[best], "config": best}
-            if m <= GRAPH_MS:
+            if m <= GRAPH_MS:  # kernel times: each config in a graph over weight copies that miss L2; the best
                 copies = max(2, math.ceil(3 * l2 / (n * k * 9 / 16)))
-                parts = [(repack(p2, best), s2, t2) for p2, s2, t2 in [(p.clone(), s.clone(), pts.clone())
-                                                                        for _ in range(copies)]]
                 plain = [(p.clone(), s.clone(), pts.clone()) for _ in range(copies)]
                 bf16 = [w.clone() for _ in range(max(2, math.ceil(3 * l2 / (2 * n * k))))]
                 row["graph_bf16_us"] = graph_us([lambda w=w: F.linear(x, w) for w in bf16])
                 row["graph_plan_us"] = graph_us([lambda q=q: plan(x, *q) for q in plain])
-                row["graph_fused_us"] = graph_us([lambda q=q: fused_gemm(x, q[0], q[1], q[2], None, out, None, best)
-                                                  for q in parts])
+                graph = {}
+                for c in repacked:
+                    parts = [(repack(q[0], c), q[1], q[2]) for q in plain]
+                    graph[c] = graph_us([lambda q=q, c=c: fused_gemm(x, q[0], q[1], q[2], None, out, None, c)
+                                         for q in parts])
+                row["graph_config"] = min(graph, key=graph.get)
+                row["graph_fused_us"] = graph[row["graph_config"]]
             result["rows"].append(row)
             print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
     if args.out:
