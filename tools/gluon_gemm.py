@@ -12,10 +12,11 @@ current wgmma runs.
 
 The command checks the kernel against an fp64 product of the dequantized operands (fp32 accumulation: at most
 1e-5 relative; three launches per case, output poisoned with NaN) and times it with ``triton.testing.do_bench``
-against cuBLAS bf16 ``F.linear`` and the backend's own large-M plan (``torch.ops.fp4.gemm_a16`` compiled: exact
-dequantize, cuBLAS with fp32 output, fused epilogue; at 128 rows and fewer, the backend's tensor-core kernel), and
-at up to 128 rows also as CUDA-graph replays over weight copies that miss L2. tools/KERNEL_NOTES.md (version 14) has the results: it
-beats the backend's kernels from 16 to 2048 rows and loses to the plan at 4096; the backend does not use it yet
+against cuBLAS bf16 ``F.linear`` and the backend's own kernels as it runs them (``torch.ops.fp4.gemm_a16``
+compiled: above 128 rows exact dequantize, cuBLAS with fp32 output and a fused epilogue; at 128 rows and fewer the
+tensor-core kernel). At 128 rows and fewer it also times CUDA-graph replays over weight copies that miss L2 and
+picks the fused kernel's config by them. tools/KERNEL_NOTES.md (version 14) has the results: the fused kernel
+beats the backend's kernels from 16 to 1024 rows, ties the plan at 2048 and loses at 4096. The backend does not use it yet
 because it needs the repacked weight layout, which the one-row GEMV does not read (the notes say what wiring it in
 takes).
 """
