@@ -32,7 +32,7 @@ def _holder_of(layout, thread: int, register: int) -> tuple[int, int, int]:
     return tuple(coord)
 
 
-@pytest.mark.parametrize("config_index", [0, 2])
+@pytest.mark.parametrize("config_index", [0, 1])
 def test_repack_puts_each_thread_bytes_in_register_order(gluon_gemm, config_index):
     config = gluon_gemm.CONFIGS[config_index]
     block_n, warps = config[1], config[4]
