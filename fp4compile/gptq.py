@@ -96,8 +96,13 @@ def search_block_scales(x: torch.Tensor, pts: torch.Tensor, targets: tuple[float
     return best_scale
 
 
-_E4M3_SMALLEST_SCALE = 0x08  # bit pattern of 2**-6, the smallest block scale the reference gives
-_E4M3_LARGEST_FINITE = 0x7E  # bit pattern of 448; 0x7F is NaN
+def _e4m3_bits(value: float) -> int:
+    return int(torch.tensor(value).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+# The reference's block-scale range as e4m3 bit patterns (0x08 and 0x7E; the step to 0x7F would be NaN).
+_E4M3_SMALLEST_SCALE = _e4m3_bits(nvfp4.F8_E4M3_MIN_SCALE)
+_E4M3_LARGEST_FINITE = _e4m3_bits(nvfp4.F8_E4M3_MAX)
 
 
 def refit_block_scales(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor,
