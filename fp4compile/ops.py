@@ -17,8 +17,8 @@ buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer with
 For Inductor, ``quantize_act`` decomposes into the amax and the block quantize: on CPU both plain torch, fused with
 the op that produces the activation; on CUDA the amax and the ``quantize_blocks`` Triton kernel, generated once per
 activation shape.
-``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the Triton
-kernels up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
+``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the kernels
+up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
 a fused epilogue per weight; Inductor generates that dequantize + ``mm`` once per shape, not once per layer. On CUDA
 the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
 ``out_dtype``).
@@ -189,12 +189,15 @@ def _gemm_plan(x: torch.Tensor) -> str:
     """How Inductor runs a GEMM whose activation (or its packed form) is ``x``:
 
     - "kernel": the kernel op, an extern call: on CPU the exact reference; on CUDA, up to
-      ``kernels.DIRECT_MAX_ROWS`` rows, the Triton kernels that read the packed weight once (GEMV for one row,
-      tensor cores with the weight dequantized in registers for more);
+      ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMV for one row; for more,
+      tensor cores with the weight dequantized in registers: on Hopper the fused Gluon kernel, elsewhere the
+      Triton one);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
       ``_mm_f32`` (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
-      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. The
-      dequantize + GEMM is generated once per operand shape (``_generated_once``), not once per layer.
+      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small. The fused
+      kernel is faster on the GPU up to 2048 rows, but each call of the kernel op costs 260-350 us of CPU, which
+      made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives 0.76-0.81x;
+      tools/KERNEL_NOTES.md, version 15). The dequantize + GEMM is generated once per operand shape (``_generated_once``), not once per layer.
       ``format.dequantize_blocks_by_bits`` both compiles and runs faster there than the reference's arithmetic
       decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08
       ms, the same logits). A group of weights runs one GEMM per weight here:

@@ -358,16 +358,18 @@ def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("k", [64, 256])
 @pytest.mark.parametrize("rows", [1, 17, 300])
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
-def test_cuda_plans_give_the_emulated_numbers(scheme, rows):
-    """Compiled on CUDA, each plan of ``ops._gemm_plan`` (one row: the GEMV; up to 128: the tensor-core kernel;
-    more: dequantize + cuBLAS + epilogue) gives the eager emulation's numbers: within a rounding of the bf16 output
-    (one layer, so that both sides quantize the same activation)."""
+def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k):
+    """Compiled on CUDA, each plan of ``ops._gemm_plan`` (one row: the GEMV; up to 128: tensor cores, on Hopper
+    the fused kernel where K is a multiple of 256; more: dequantize + cuBLAS + epilogue) gives the eager
+    emulation's numbers: within a rounding of the bf16 output (one layer, so that both sides quantize the same
+    activation)."""
     from fp4compile.kernels import DIRECT_MAX_ROWS
 
     torch.manual_seed(0)
-    layer, x = nn.Linear(64, 100).to(torch.bfloat16), torch.randn(rows, 64, dtype=torch.bfloat16)
+    layer, x = nn.Linear(k, 100).to(torch.bfloat16), torch.randn(rows, k, dtype=torch.bfloat16)
     a = nvfp4.fake_quantize(x) if scheme == "nvfp4" else x.float()
     expect = (a.double() @ nvfp4.fake_quantize(layer.weight).double().t() + layer.bias.double())
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):

@@ -25,6 +25,15 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the CPU runs t
 REL_TOL = 1e-5  # fp32 accumulation of exact products, relative to ||ref||
 
 
+def _fused_skip() -> str | None:
+    if not CUDA:
+        return "needs a CUDA GPU"
+    return kernels.fused_problem(torch.device("cuda"), 2, kernels.FUSED_K_MULTIPLE)
+
+
+fused_only = pytest.mark.skipif(_fused_skip() is not None, reason=f"the fused Gluon kernel: {_fused_skip()}")
+
+
 @pytest.fixture(autouse=True)
 def _default_configs(monkeypatch):
     """Each bucket's default config (no timing runs); test_every_config covers the other configs."""
@@ -193,8 +202,14 @@ def test_autotune_times_configs_in_graphs(monkeypatch):
     x = torch.randn(16, 512, device=DEVICE).bfloat16()
     ref = x.cpu().double() @ dequant64(*w).t()
     out = triton_gemm.gemm_a16(x, *w, None, out_dtype=torch.float32)
-    assert [key[0] for key in triton_gemm._best] == ["mma"]
-    assert next(iter(triton_gemm._best.values())) in triton_gemm._mma_configs(16)
+    if _fused_skip() is None:  # Hopper: 16 rows of depth 512 run the fused kernel
+        from fp4compile.kernels import gluon_gemm
+
+        kind, configs = "fused", gluon_gemm.configs_for(16)
+    else:
+        kind, configs = "mma", triton_gemm._mma_configs(16)
+    assert [key[0] for key in triton_gemm._best] == [kind]
+    assert next(iter(triton_gemm._best.values())) in configs
     check(out, ref, out, torch.float32)
     x2 = torch.randn(40, 512, device=DEVICE).bfloat16()
     out2 = torch.empty(40, 192, device=DEVICE)
@@ -231,6 +246,66 @@ def test_mma_split_k(op, config):
             a64 = dequant64(*a)
         for w, bias, out in zip(weights, biases, outs):
             check(out, a64 @ dequant64(*w).t() + bias.cpu().double(), out, torch.float32)
+
+
+@fused_only
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
+def test_fused_kernel(op, dtype):
+    """The fused Hopper kernel, each of its configs, through the dispatch (which must pick it): rows from 2 to
+    ``FUSED_MAX_ROWS``, N not a multiple of a tile, K from one step of 256 to 4096, bias or none, every e2m1 code
+    and e4m3 scale (with bf16 outputs: such sums overflow fp16)."""
+    from fp4compile.kernels import gluon_gemm
+
+    assert triton_gemm.launch_mma is not gluon_gemm.launch
+    for m, n, k, with_bias, raw in ((2, 100, 256, True, True), (3, 4096, 4096, False, False),
+                                    (17, 200, 512, True, False), (128, 64, 1024, False, True),
+                                    (300, 100, 256, True, False), (1000, 4096, 4096, False, False),
+                                    (kernels.FUSED_MAX_ROWS, 160, 768, True, False)):
+        assert kernels.fused_problem(torch.device("cuda"), m, k) is None
+        raw = raw and dtype == torch.bfloat16
+        w = random_nvfp4(n, k, raw=raw)
+        bias = (torch.randn(n) * 3).to(dtype).to(DEVICE) if with_bias else None
+        bias64 = bias.cpu().double() if with_bias else 0.0
+        if op == "a16":
+            x = (torch.randn(m, k) * 4).to(dtype).to(DEVICE)
+            a, ref = (x, None, None), x.cpu().double() @ dequant64(*w).t() + bias64
+        else:
+            a = random_nvfp4(m, k, raw=raw)
+            ref = dequant64(*a) @ dequant64(*w).t() + bias64
+        for config in gluon_gemm.configs_for(m):
+            outs = [torch.full((m, n), float("nan"), device=DEVICE, dtype=t) for t in (torch.float32, dtype)]
+            for out in outs:
+                gluon_gemm.launch(*a, [w], None if bias is None else [bias], [out], config=config)
+            check(outs[0], ref, outs[1], dtype)
+        out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float32)
+        if op == "a16":
+            triton_gemm.gemm_a16(x, *w, bias, out_dtype=torch.float32, out=out)
+        else:
+            triton_gemm.gemm(*a, *w, bias, torch.float32, out=out)
+        check(out, ref, out, torch.float32)
+
+
+@fused_only
+@pytest.mark.parametrize("shapes", [(128, 256, 100), (64, 64, 37)], ids=("aligned-128", "aligned-64"))
+@pytest.mark.parametrize("m", (5, 130))
+def test_fused_kernel_group(m, shapes):
+    """A group through the fused kernel: every config that fits its members (a tile of 128 weight rows takes
+    only members of a multiple of 128 rows), K split or not; every output against its own reference."""
+    from fp4compile.kernels import gluon_gemm
+
+    k = 512
+    weights = [random_nvfp4(n, k) for n in shapes]
+    biases = [(torch.randn(n) * 3).bfloat16().to(DEVICE) for n in shapes]
+    x = (torch.randn(m, k) * 4).bfloat16().to(DEVICE)
+    ends = triton_gemm._ends(weights)
+    configs = [c for c in gluon_gemm.configs_for(m) if all(e % c[1] == 0 for e in ends[:-1])]
+    assert len(configs) == (len(gluon_gemm.configs_for(m)) if shapes[0] == 128 else 1 + (m <= 128))
+    for config in configs:
+        outs = [torch.full((m, n), float("nan"), device=DEVICE) for n in shapes]
+        gluon_gemm.launch(x, None, None, weights, biases, outs, config=config)
+        for w, bias, out in zip(weights, biases, outs):
+            check(out, x.cpu().double() @ dequant64(*w).t() + bias.cpu().double(), out, torch.float32)
 
 
 @gpu_only

@@ -1,12 +1,13 @@
-"""Sweep the decode kernels' configurations on one CUDA GPU (CUDA-graph replay, weights rotated past L2).
+"""Sweep the kernels' configurations on one CUDA GPU (CUDA-graph replay, weights rotated past L2).
 
     PYTHONPATH=. python3 tools/tune_kernels.py [--shapes 4096x4096,...] [--ms 1,16,32,64,128] [--out tune.json]
 
 For each weight shape (N, K) and batch M it times cuBLAS bf16 ``F.linear``, the dequantize + cuBLAS path
-(``triton_gemm.launch_cublas``, what more than ``DIRECT_MAX_ROWS`` rows run) and every candidate configuration
-of the kernel for that M (``_gemv_kernel`` for M = 1, ``_mma_kernel`` above), all nvfp4a16 with bf16
-activations. It prints the fastest configurations per point and, last, a table of the best of each path, which
-is what ``DIRECT_MAX_ROWS`` and the default lists (``_GEMV_CONFIGS``, ``_mma_configs``) are chosen from
+(``triton_gemm.launch_cublas``, what compiled graphs run above ``DIRECT_MAX_ROWS`` rows) and every candidate
+configuration of the kernels for that M (``_gemv_kernel`` for M = 1; ``_mma_kernel`` up to ``DIRECT_MAX_ROWS``;
+on Hopper also the fused Gluon kernel, up to ``FUSED_MAX_ROWS``), all nvfp4a16 with bf16 activations. It prints
+the fastest configurations per point and, last, a table of the best of each path, which is what the row limits
+and the default lists (``_GEMV_CONFIGS``, ``_mma_configs``, ``gluon_gemm.configs_for``) are chosen from
 (tools/KERNEL_NOTES.md records the runs).
 """
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gemm import SHAPES, geomean, graph_us, write_rows  # noqa: E402
 
 from fp4compile import format as nvfp4  # noqa: E402
+from fp4compile import kernels  # noqa: E402
 from fp4compile.kernels import triton_gemm  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, num_warps)
@@ -68,33 +70,46 @@ def main() -> None:
             row = {"N": n, "K": k, "M": m, "bf16_us": graph_us([lambda w=w: F.linear(x, w) for w in bf16_copies])}
             row["cublas_path_us"] = graph_us([lambda w=w: triton_gemm.launch_cublas(x, None, None, [w], None, [out])
                                               for w in fp4_copies])
+            paths = []  # (name, configs, launch)
             if m == 1:
-                configs, launch = GEMV_CANDIDATES, triton_gemm.launch_gemv
-            else:
+                paths.append(("kernel", GEMV_CANDIDATES, triton_gemm.launch_gemv))
+            elif m <= kernels.DIRECT_MAX_ROWS:
                 block_m = max(16, triton_gemm.triton.next_power_of_2(m))
-                configs = [(bn, block_m, bk, split, warps, stages, order)
-                           for bn, bk, split, warps, stages, order in MMA_CANDIDATES]
-                launch = triton_gemm.launch_mma
-            times = sweep(configs, lambda c: [lambda w=w: launch(x, None, None, [w], None, [out], config=c)
-                                              for w in fp4_copies])
-            launch(x, None, None, [packed], None, [out], config=times[0][1])
-            row["err"] = ((out.float() - ref).norm() / ref.norm()).item()
-            row["kernel_us"], row["config"] = times[0]
-            row["top"] = [(round(t, 2), c) for t, c in times[:5]]
+                paths.append(("kernel", [(bn, block_m, bk, split, warps, stages, order)
+                                         for bn, bk, split, warps, stages, order in MMA_CANDIDATES],
+                              triton_gemm.launch_mma))
+            if kernels.fused_problem(x.device, m, k) is None:
+                from fp4compile.kernels import gluon_gemm
+
+                paths.append(("fused", gluon_gemm.configs_for(m), gluon_gemm.launch))
+            for name, configs, launch in paths:
+                times = sweep(configs, lambda c: [lambda w=w: launch(x, None, None, [w], None, [out], config=c)
+                                                  for w in fp4_copies])
+                out.fill_(float("nan"))
+                launch(x, None, None, [packed], None, [out], config=times[0][1])
+                row[f"{name}_err"] = ((out.float() - ref).norm() / ref.norm()).item()
+                row[f"{name}_us"], row[f"{name}_config"] = times[0]
+                row[f"{name}_top"] = [(round(t, 2), c) for t, c in times[:5]]
+                print(f"N={n} K={k} M={m}: bf16 {row['bf16_us']:.1f} us, dequantize+cuBLAS "
+                      f"{row['cublas_path_us']:.1f} | {name}: " + ", ".join(f"{t:.1f} us {c}" for t, c in times[:4]),
+                      flush=True)
             rows.append(row)
-            print(f"N={n} K={k} M={m}: bf16 {row['bf16_us']:.1f} us, dequantize+cuBLAS {row['cublas_path_us']:.1f}"
-                  f" | " + ", ".join(f"{t:.1f} us {c}" for t, c in times[:4]), flush=True)
             write_rows(args.out, rows)
     print(f"\n{torch.cuda.get_device_name()} (us, CUDA-graph replay; x = bf16 / path)")
-    print(f"{'N':>6} {'K':>6} {'M':>4} | {'bf16':>6} {'deq+cuBLAS':>10} {'x':>5} | {'kernel':>6} {'x':>5}  config")
+    print(f"{'N':>6} {'K':>6} {'M':>4} | {'bf16':>6} {'deq+cuBLAS':>10} {'x':>5} | {'kernel':>6} {'x':>5} | "
+          f"{'fused':>6} {'x':>5}")
     for r in rows:
+        cells = [f"{r[name + '_us']:6.1f} {r['bf16_us'] / r[name + '_us']:5.2f}" if name + "_us" in r else
+                 f"{'-':>6} {'-':>5}" for name in ("kernel", "fused")]
         print(f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | {r['bf16_us']:6.1f} {r['cublas_path_us']:10.1f} "
-              f"{r['bf16_us'] / r['cublas_path_us']:5.2f} | {r['kernel_us']:6.1f} {r['bf16_us'] / r['kernel_us']:5.2f}"
-              f"  {r['config']}  err {r['err']:.1e}")
+              f"{r['bf16_us'] / r['cublas_path_us']:5.2f} | {cells[0]} | {cells[1]}")
     for m in sorted({r["M"] for r in rows}):
         sel = [r for r in rows if r["M"] == m]
-        print(f"  M={m:>4}: kernel {geomean([r['bf16_us'] / r['kernel_us'] for r in sel]):.2f}x, dequantize+cuBLAS "
-              f"{geomean([r['bf16_us'] / r['cublas_path_us'] for r in sel]):.2f}x of bf16 (geo-mean)")
+        line = f"  M={m:>4}: dequantize+cuBLAS {geomean([r['bf16_us'] / r['cublas_path_us'] for r in sel]):.2f}x"
+        for name in ("kernel", "fused"):
+            if all(name + "_us" in r for r in sel):
+                line += f", {name} {geomean([r['bf16_us'] / r[name + '_us'] for r in sel]):.2f}x"
+        print(line + " of bf16 (geo-mean)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ GEMM per weight over one activation, run as one launch where they form a group),
 picks a kernel by device:
 
 - compute capability 8.x / 9.x: Triton kernels (``triton_gemm``): up to ``DIRECT_MAX_ROWS`` activation rows they
-  read the packed weight and dequantize it in registers; above, an exact dequantize feeds cuBLAS;
+  read the packed weight and dequantize it in registers; above, an exact dequantize feeds cuBLAS. On 9.x
+  (Hopper), 2 to ``FUSED_MAX_ROWS`` rows run the fused Gluon kernel (``gluon_gemm``) instead, where K allows;
 - 10.x and up: ``torch._scaled_mm`` for NVFP4 x NVFP4 (``blackwell``, untested on hardware), Triton otherwise;
 - anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
   reason logged once per reason.
@@ -23,7 +24,9 @@ from .. import format as nvfp4
 
 log = logging.getLogger(__name__)
 
-DIRECT_MAX_ROWS = 128  # GEMMs with at most this many rows read the packed weight directly (ops._gemm_plan)
+DIRECT_MAX_ROWS = 128  # compiled GEMMs with at most this many rows call the kernels (ops._gemm_plan)
+FUSED_MAX_ROWS = 2048  # Hopper: the fused kernel's rows (its version 14 form tied dequantize + cuBLAS at 2048)
+FUSED_K_MULTIPLE = 256  # the fused kernel's K: scale rows 16-byte aligned, whole 64-element steps
 MAX_GROUP = 3  # weights per group launch (q/k/v)
 GROUP_ALIGN = 64  # output columns of every group member but the last: a multiple of every kernel's BLOCK_N
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -46,6 +49,29 @@ def _family(device_index: int) -> tuple[str, str]:
     except ImportError as e:
         return "reference", f"Triton is not importable ({e})"
     return ("blackwell" if major >= 10 else "triton"), ""
+
+
+@functools.cache
+def _fused_family_problem(device_index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major != 9:
+        return f"the fused kernel is written for compute capability 9.x (Hopper), this is {major}.{minor}"
+    try:
+        from . import gluon_gemm  # noqa: F401
+    except ImportError as e:
+        return f"Gluon is not importable ({e})"
+    return None
+
+
+def fused_problem(device: torch.device, m: int, k: int) -> str | None:
+    """Why a GEMM of ``m`` rows and depth ``k`` on ``device`` does not run the fused Gluon kernel, or None."""
+    if device.type != "cuda":
+        return "the fused kernel runs on CUDA"
+    if not 2 <= m <= FUSED_MAX_ROWS:
+        return f"the fused kernel takes 2 to {FUSED_MAX_ROWS} rows, got {m}"
+    if k % FUSED_K_MULTIPLE:
+        return f"the fused kernel takes K a multiple of {FUSED_K_MULTIPLE}, got {k}"
+    return _fused_family_problem(_device_index(device))
 
 
 def _layout_problem(packed, scales, pts, name: str) -> str | None:

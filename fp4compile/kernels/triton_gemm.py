@@ -18,8 +18,9 @@ Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block sc
 products); ``_mma_kernel`` up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers
 as the MMA's left operand, K split across programs); above that ``_dequant_kernel`` writes the exact
 ``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel``
-applies the global scales, bias and cast. Configurations come from short lists, timed in CUDA graphs on first
-use per key (tools/KERNEL_NOTES.md has the runs behind these choices).
+applies the global scales, bias and cast. On Hopper, 2 to ``FUSED_MAX_ROWS`` rows with K a multiple of 256 go to
+the fused Gluon kernel of ``gluon_gemm`` instead (``kernels.fused_problem``). Configurations come from short
+lists, timed in CUDA graphs on first use per key (tools/KERNEL_NOTES.md has the runs behind these choices).
 
 Groups: up to ``MAX_GROUP`` weights that multiply the same activation (a layer's q/k/v or gate/up projections)
 run as one launch of the same kernels, each program reading the pointers of the weight its output tile belongs
@@ -34,9 +35,9 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from . import DIRECT_MAX_ROWS, GROUP_ALIGN, MAX_GROUP
+from . import DIRECT_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem
 
-GEMV_MAX_M = 1  # M == 1: _gemv_kernel; up to DIRECT_MAX_ROWS: _mma_kernel; more: dequantize + cuBLAS
+GEMV_MAX_M = 1  # M == 1: _gemv_kernel; more: the fused kernel (Hopper), _mma_kernel or dequantize + cuBLAS
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
@@ -380,7 +381,6 @@ def _gemv_kernel(
     [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the store is masked).
     A group of GEMMs runs as one launch: each program reads the member its rows belong to.
     """
-    W: tl.constexpr = BLOCK_K // 8
     G: tl.constexpr = BLOCK_K // 16
     member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
     w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
@@ -699,7 +699,15 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs):
         for i, w in enumerate(weights):
             _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]])
         return list(outs)
-    launch = launch_gemv if m <= GEMV_MAX_M else launch_mma if m <= DIRECT_MAX_ROWS else launch_cublas
+    k = weights[0][0].shape[1] * 2
+    if m <= GEMV_MAX_M:
+        launch = launch_gemv
+    elif fused_problem(a.device, m, k) is None:
+        from . import gluon_gemm
+
+        launch = gluon_gemm.launch
+    else:
+        launch = launch_mma if m <= DIRECT_MAX_ROWS else launch_cublas
     return list(launch(a, a_scales, a_pts, weights, biases, outs))
 
 

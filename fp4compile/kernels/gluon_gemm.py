@@ -1,0 +1,295 @@
+"""A fused NVFP4 GEMM for Hopper (sm_90), written in Gluon: 2 to ``FUSED_MAX_ROWS`` activation rows, K a multiple
+of ``FUSED_K_MULTIPLE`` (``kernels.fused_problem`` says which GEMMs it takes).
+
+    out^T tile [BLOCK_N, BLOCK_M] = W tile [BLOCK_N, K] @ A tile^T        (then alpha, bias, one cast)
+
+The weight is wgmma's left operand, dequantized in registers from the packed bytes as the backend stores them
+(torchao's layout, no repacking); the activation is the right operand, brought into shared memory by TMA. No
+dequantized weight goes to memory. Gluon (``triton.experimental.gluon``) is needed for what plain Triton 3.6
+does not do: an asynchronous wgmma whose operand comes from registers, so that the dequantize of step i+1 runs
+while the MMA of step i does (tools/KERNEL_NOTES.md, versions 7 and 14).
+
+The sum over K may take K in any order if both operands take the same. The wgmma register fragment gives lane t
+(of each 4) positions 2t, 2t+1, 2t+8, 2t+9 of every 16; the dot's order is chosen so that these are the lane's own
+8 contiguous packed bytes of each 64-element step, one 16-element block with one scale: dot position
+``J*16 + h*8 + t*2 + n`` (J < 4; h, n < 2) is element ``t*16 + J*4 + h*2 + n``, as in ``triton_gemm._mma_kernel``.
+Each thread loads its bytes with two 8-byte shared loads, and the activation is copied into that order once
+(``triton_gemm._dot_order``) before the TMA reads it.
+
+A group of weights over one activation (q/k/v) is one launch, as for the Triton kernels (``_member``). K is split
+over programs when few output tiles would leave SMs idle; the fp32 partials are summed by
+``triton_gemm._epilogue_kernel``.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from . import triton_gemm
+from .triton_gemm import _operand_ptx
+
+BLOCK_K = gl.constexpr(64)  # one step: 32 packed bytes and 4 block scales per weight row
+_PTX_BF16 = gl.constexpr(_operand_ptx("bf16"))
+_PTX_F16 = gl.constexpr(_operand_ptx("f16"))
+
+
+def configs_for(m: int) -> list:
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps, SPLIT_K) timed at ``m`` rows: BLOCK_M the rows rounded up to a power
+    of two (16-256); 128 weight rows with 8 warps (4 or 5 stages) or 64 with 4; at up to 128 rows also K split 4
+    ways. The H200 runs of version 14 picked from exactly these."""
+    block_m = min(256, max(16, triton.next_power_of_2(m)))
+    configs = [(block_m, 128, 4, 8, 1), (block_m, 128, 5, 8, 1), (block_m, 64, 6, 4, 1)]
+    return configs + ([(block_m, 64, 6, 4, 4)] if m <= 128 else [])
+
+
+@gluon.constexpr_function
+def _dot_element(position):
+    """The weight element (within a step of 64) at a dot position: ``J*16 + h*8 + t*2 + n -> t*16 + J*4 + h*2 + n``."""
+    j, h, t, n = position // 16, position // 8 % 2, position // 2 % 4, position % 2
+    return t * 16 + j * 4 + h * 2 + n
+
+
+@gluon.constexpr_function
+def _operand_bytes(dot_ll):
+    """wgmma's left-operand layout over [rows, dot positions] -> the layout of its packed bytes as
+    [rows, 4 blocks, 8 bytes]. Dropping the register basis that steps the position by one (the nibble) and
+    mapping the other position bases through ``_dot_element`` gives the bytes each thread must hold."""
+    def byte(basis):
+        row, position = basis
+        b = _dot_element(position) // 2
+        return [row, b // 8, b % 8]
+
+    regs = [b for b in dot_ll.reg_bases if b != [0, 1]]
+    assert len(regs) == len(dot_ll.reg_bases) - 1, dot_ll.reg_bases
+    return gl.DistributedLinearLayout([byte(b) for b in regs], [byte(b) for b in dot_ll.lane_bases],
+                                      [byte(b) for b in dot_ll.warp_bases], [], [dot_ll.shape[0], 4, 8])
+
+
+@gluon.constexpr_function
+def _byte_layout(block_n, num_warps):
+    """``_operand_bytes`` with its registers reordered so that a thread's 8 bytes of a row come first (one
+    8-byte shared load per row): registers step the byte by 1, 2, 4, then the row by 8 (and by the rows past
+    the warps); lanes step the block by 1, 2 and the row by 1, 2, 4; warps step the row by 16, 32, ..."""
+    reg = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]]
+    rows = 16 * num_warps
+    while rows < block_n:
+        reg.append([rows, 0, 0])
+        rows *= 2
+    warps = [[16 << i, 0, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg, [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]], warps, [],
+                                      [block_n, 4, 8])
+
+
+@gluon.constexpr_function
+def _same_but_register_order(a, b):
+    """Whether two linear layouts give every thread the same elements (registers possibly in another order):
+    then converting one into the other moves no data between threads."""
+    return (sorted(a.reg_bases) == sorted(b.reg_bases) and a.lane_bases == b.lane_bases
+            and a.warp_bases == b.warp_bases and list(a.shape) == list(b.shape))
+
+
+@gluon.constexpr_function
+def _flat(layout):
+    """A layout over [rows, 4 blocks, 8 bytes] as the same layout over [rows, 32 bytes] (how shared memory holds
+    a step's bytes: each row's 32 contiguous, as in global memory)."""
+    def flat(basis):
+        return [basis[0], basis[1] * 8 + basis[2]]
+
+    return gl.DistributedLinearLayout([flat(b) for b in layout.reg_bases], [flat(b) for b in layout.lane_bases],
+                                      [flat(b) for b in layout.warp_bases], [], [layout.shape[0], 32])
+
+
+@gluon.jit
+def _member(start, ends):
+    """Which weight of a group owns output row ``start`` of the stacked weights, and its rows ``[first, end)``
+    (``triton_gemm._member``, for Gluon)."""
+    member = 0
+    first = 0
+    end = ends[0]
+    for j in gl.static_range(1, len(ends)):
+        later = start >= ends[j - 1]
+        member = gl.where(later, j, member)
+        first = gl.where(later, ends[j - 1], first)
+        end = gl.where(later, ends[j], end)
+    return member, first, end
+
+
+@gluon.jit
+def _pick(member, values):
+    """``values[member]`` for a tuple of pointers, one per weight of a group."""
+    value = values[0]
+    for j in gl.static_range(1, len(values)):
+        value = gl.where(member == j, values[j], value)
+    return value
+
+
+@gluon.jit
+def _copy_step(step, slot, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, a_smem, w_smem, s_smem, steps):
+    """K step ``step`` of this program's slice (starting at element ``off_k``; ``w_ptrs`` and ``s_ptrs`` point at
+    its start) into ring slot ``slot``: the activation tile by TMA (arriving on the slot's mbarrier; rows past M
+    read as zeros), the weight bytes and block scales by cp.async. Steps past the slice copy nothing."""
+    live = step < steps
+    mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes, pred=live)
+    tma.async_copy_global_to_shared(a_desc, [off_m, off_k + step * BLOCK_K], bars.index(slot), a_smem.index(slot),
+                                    pred=live)
+    cp.async_copy_global_to_shared(w_smem.index(slot), w_ptrs + step * (BLOCK_K // 2), mask=live)
+    cp.async_copy_global_to_shared(s_smem.index(slot), s_ptrs + step * (BLOCK_K // 16), mask=live)
+
+
+@gluon.jit
+def _dequantize_step(w_smem, s_smem, slot, byte_layout: gl.constexpr, dot_layout: gl.constexpr,
+                     DTYPE: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Packed bytes and scales of one ring slot -> the exact ``e2m1 * S_b`` weight tile in dot order (times 2**-7
+    for bf16, 2**-14 for fp16, as ``triton_gemm``'s inline PTX leaves it), in wgmma's left-operand layout."""
+    flat: gl.constexpr = _flat(byte_layout)
+    p = gl.convert_layout(gl.reshape(w_smem.index(slot).load(flat), [BLOCK_N, 4, 8]), byte_layout,
+                          assert_trivial=True)
+    s = s_smem.index(slot).load(gl.SliceLayout(2, byte_layout)).to(gl.float8e4nv, bitcast=True)
+    if DTYPE == gl.bfloat16:
+        _, scale = gl.broadcast(p, gl.expand_dims((s.to(gl.float32) * 2.0**119).to(gl.bfloat16), 2))
+        lo, hi = gl.inline_asm_elementwise(_PTX_BF16, "=r,=r,=r,=r,r,r,r", [p, scale],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+    else:
+        _, scale = gl.broadcast(p, gl.expand_dims(s.to(gl.float16), 2))
+        lo, hi = gl.inline_asm_elementwise(_PTX_F16, "=r,=r,=r,=r,r,r,r", [p, scale],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    w = gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, 4, 2, 2])  # [row, t, J, h, nibble]: storage order
+    w = gl.reshape(gl.permute(w, (0, 2, 3, 1, 4)), [BLOCK_N, BLOCK_K])  # dot order: J, h, t, nibble
+    return gl.convert_layout(w, dot_layout)
+
+
+@gluon.jit
+def fused_kernel(a_desc, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs, partial_ptr,
+                 M, ends, K, stride_wn, stride_sn,
+                 ALPHA_SHIFT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Program (m, n, s): BLOCK_N rows of the stacked weights (one member of the group), BLOCK_M activation rows
+    (the activation in dot order), the s-th of SPLIT_K slices of the K steps. Weight rows past a member's end
+    wrap around and are not stored. With one slice the program applies alpha and the bias and casts; with more
+    it stores its raw fp32 sum in ``partial_ptr`` [SPLIT_K, M, ends[-1]].
+
+    Pipeline, per K step i: wgmma(i) is issued on the operand dequantized the step before; while it runs, the
+    bytes of step i+1 (copied STAGES - 2 steps ahead) are dequantized; then the wait retires wgmma(i-1), a CTA
+    barrier makes sure every warpgroup has, and the copies of step i + STAGES - 2 go into the slot that
+    wgmma(i-2) read. The operand of wgmma(i-1) is passed to that wait, which keeps its registers from being reused
+    while the MMA reads them.
+    """
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    DTYPE: gl.constexpr = a_desc.dtype
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    member, first_n, end_n = _member(pid_n * BLOCK_N, ends)
+    w_ptr, s_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
+    N = end_n - first_n
+    per_split = gl.cdiv(K // BLOCK_K, SPLIT_K)
+    first = gl.program_id(2) * per_split
+    steps = gl.maximum(gl.minimum(per_split, K // BLOCK_K - first), 0)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    byte_layout: gl.constexpr = _byte_layout(BLOCK_N, num_warps)
+    gl.static_assert(_same_but_register_order(byte_layout, _operand_bytes(gl.to_linear_layout(dot, [BLOCK_N,
+                                                                                                    BLOCK_K]))))
+
+    # cp.async: each thread 16 contiguous bytes of a weight row (2 threads a row), each row's 4 scale bytes.
+    # Shared memory holds them as global memory does, without swizzling: a warp's 8-byte loads of
+    # ``flat`` read 8 rows x 32 contiguous bytes, free of bank conflicts.
+    w_copy: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
+    s_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [num_warps, 1], [1, 0])
+    plain: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    a_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 2], plain)
+    s_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BLOCK_K // 16], plain)
+
+    rows_w = (pid_n * BLOCK_N - first_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, w_copy))) % N
+    w_ptrs = (w_ptr + rows_w[:, None] * stride_wn + first * (BLOCK_K // 2)
+              + gl.arange(0, BLOCK_K // 2, gl.SliceLayout(0, w_copy))[None, :])
+    rows_s = (pid_n * BLOCK_N - first_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, s_copy))) % N
+    s_ptrs = (s_ptr + rows_s[:, None] * stride_sn + first * (BLOCK_K // 16)
+              + gl.arange(0, 4, gl.SliceLayout(0, s_copy))[None, :])
+    off_m = pid_m * BLOCK_M
+    off_k = first * BLOCK_K
+
+    for s in gl.static_range(STAGES - 2):
+        _copy_step(s, s, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, a_smem, w_smem, s_smem, steps)
+        cp.commit_group()
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    cp.wait_group(STAGES - 3)
+    w_next = _dequantize_step(w_smem, s_smem, 0, byte_layout, dot, DTYPE, BLOCK_N)
+    w_prev = gl.zeros([BLOCK_N, BLOCK_K], DTYPE, dot)
+    for i in range(steps):
+        w = w_next
+        mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
+        acc = warpgroup_mma(w, a_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+        cp.wait_group(STAGES - 4)
+        w_next = _dequantize_step(w_smem, s_smem, (i + 1) % STAGES, byte_layout, dot, DTYPE, BLOCK_N)
+        acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
+        w_prev = w
+        gl.thread_barrier()
+        _copy_step(i + STAGES - 2, (i + STAGES - 2) % STAGES, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs,
+                   a_smem, w_smem, s_smem, steps)
+        cp.commit_group()
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    cp.wait_group(0)
+
+    # The tile is out^T: store it through a layout whose threads run along n, the output's contiguous dimension.
+    store: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
+    offs_n = pid_n * BLOCK_N - first_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, store))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, store))
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    if SPLIT_K > 1:
+        total_n = ends[len(ends) - 1]
+        partial = partial_ptr + (gl.program_id(2) * M + offs_m[None, :]) * total_n + first_n + offs_n[:, None]
+        gl.store(partial, gl.convert_layout(acc, store), mask=mask)
+        return
+    alpha = gl.load(_pick(member, w_pts_ptrs)) * ALPHA_SHIFT
+    if a_pts_ptr is not None:
+        alpha = alpha * gl.load(a_pts_ptr)
+    out = gl.convert_layout(acc * alpha, store)
+    if bias_ptrs is not None:
+        out += gl.load(_pick(member, bias_ptrs) + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+    out_ptr = _pick(member, out_ptrs)
+    gl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(a, a_scales, a_pts, weights, biases, outs, config=None):
+    """Run ``fused_kernel`` into ``outs`` (one [M, N_i] per weight; plus ``_epilogue_kernel`` when K is split);
+    arguments as for ``triton_gemm.launch_mma``. ``config`` is (BLOCK_M, BLOCK_N, STAGES, num_warps, SPLIT_K)."""
+    m, k = a.shape[0], weights[0][0].shape[1] * 2
+    w_packed, w_scales, w_pts = triton_gemm._columns(weights)
+    biases = None if biases is None else tuple(biases)
+    outs = tuple(outs)
+    ends = triton_gemm._ends(weights)
+    if a_scales is not None:
+        a = triton_gemm.dequantize(a, a_scales, torch.float16)
+    a = triton_gemm._dot_order(a)
+    dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+    alpha_shift = 2.0**7 if a.dtype == torch.bfloat16 else 2.0**14
+
+    def run(cfg):
+        block_m, block_n, stages, warps, split = cfg
+        split = min(split, k // BLOCK_K.value)
+        partials = None if split == 1 else torch.empty((split, m, ends[-1]), device=a.device, dtype=torch.float32)
+        a_desc = TensorDescriptor(a, [m, k], [k, 1], [block_m, BLOCK_K.value],
+                                  gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K.value], dtype))
+        grid = (triton.cdiv(m, block_m), triton.cdiv(ends[-1], block_n), split)
+        fused_kernel[grid](a_desc, a_pts, w_packed, w_scales, w_pts, biases, outs, partials, m, ends, k,
+                           w_packed[0].stride(0), w_scales[0].stride(0),
+                           ALPHA_SHIFT=alpha_shift, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split, num_warps=warps)
+        if split > 1:
+            triton_gemm._launch_epilogue(partials, a_pts, w_pts, biases, outs, m, ends, split, alpha_shift)
+
+    if config is None:
+        key = ("fused", a.dtype, outs[0].dtype, biases is not None, ends, k, triton.next_power_of_2(m))
+        fitting = [c for c in configs_for(m) if all(end % c[1] == 0 for end in ends[:-1])]  # no tile straddles
+        config = triton_gemm._choose(key, fitting, run)
+    run(config)
+    return outs
