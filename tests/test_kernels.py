@@ -248,6 +248,15 @@ def test_mma_split_k(op, config):
             check(out, a64 @ dequant64(*w).t() + bias.cpu().double(), out, torch.float32)
 
 
+def test_fused_kernel_platforms():
+    """The fused kernel runs only where it was written for: Hopper, with the Gluon of Triton 3.6; elsewhere the
+    reason names what is missing (the Triton kernels take over)."""
+    assert kernels.fused_platform_problem((9, 0), "3.6.0") is None
+    assert "9.x (Hopper), this is 8.0" in kernels.fused_platform_problem((8, 0), "3.6.0")
+    assert "9.x (Hopper), this is 10.0" in kernels.fused_platform_problem((10, 0), "3.6.0")
+    assert "Triton 3.6, this is Triton 3.9.0" in kernels.fused_platform_problem((9, 0), "3.9.0")
+
+
 @fused_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))

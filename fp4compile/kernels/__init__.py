@@ -6,7 +6,8 @@ picks a kernel by device:
 
 - compute capability 8.x / 9.x: Triton kernels (``triton_gemm``): up to ``DIRECT_MAX_ROWS`` activation rows they
   read the packed weight and dequantize it in registers; above, an exact dequantize feeds cuBLAS. On 9.x
-  (Hopper), 2 to ``FUSED_MAX_ROWS`` rows run the fused Gluon kernel (``gluon_gemm``) instead, where K allows;
+  (Hopper) with Triton 3.6, 2 to ``FUSED_MAX_ROWS`` rows run the fused Gluon kernel (``gluon_gemm``) instead,
+  where K allows (``fused_problem``);
 - 10.x and up: ``torch._scaled_mm`` for NVFP4 x NVFP4 (``blackwell``, untested on hardware), Triton otherwise;
 - anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
   reason logged once per reason.
@@ -51,16 +52,33 @@ def _family(device_index: int) -> tuple[str, str]:
     return ("blackwell" if major >= 10 else "triton"), ""
 
 
-@functools.cache
-def _fused_family_problem(device_index: int) -> str | None:
-    major, minor = torch.cuda.get_device_capability(device_index)
+FUSED_TRITON = (3, 6)  # Gluon is experimental and its API changes between Triton releases (3.9 renamed cp.async)
+
+
+def fused_platform_problem(capability: tuple[int, int], triton_version: str) -> str | None:
+    """Why the fused Gluon kernel cannot run on a GPU of ``capability`` with Triton ``triton_version``, or None."""
+    major, minor = capability
     if major != 9:
         return f"the fused kernel is written for compute capability 9.x (Hopper), this is {major}.{minor}"
+    if tuple(int(part) for part in triton_version.split(".")[:2]) != FUSED_TRITON:
+        return (f"the fused kernel is written for the Gluon of Triton {FUSED_TRITON[0]}.{FUSED_TRITON[1]}, "
+                f"this is Triton {triton_version}")
     try:
         from . import gluon_gemm  # noqa: F401
     except ImportError as e:
         return f"Gluon is not importable ({e})"
     return None
+
+
+@functools.cache
+def _fused_family_problem(device_index: int) -> str | None:
+    import triton
+
+    capability = torch.cuda.get_device_capability(device_index)
+    reason = fused_platform_problem(capability, triton.__version__)
+    if reason is not None and capability[0] == 9:  # a Hopper without its fastest kernel: say why, once
+        _fallback_notice(f"{reason}; 2-128 rows run the Triton tensor-core kernel instead")
+    return reason
 
 
 def fused_problem(device: torch.device, m: int, k: int) -> str | None:

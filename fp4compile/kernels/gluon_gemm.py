@@ -1,5 +1,6 @@
 """A fused NVFP4 GEMM for Hopper (sm_90), written in Gluon: 2 to ``FUSED_MAX_ROWS`` activation rows, K a multiple
-of ``FUSED_K_MULTIPLE`` (``kernels.fused_problem`` says which GEMMs it takes).
+of ``FUSED_K_MULTIPLE`` (``kernels.fused_problem`` says which GEMMs it takes). Gluon is experimental and changes
+between Triton releases: this is written for, and was run with, Triton 3.6.
 
     out^T tile [BLOCK_N, BLOCK_M] = W tile [BLOCK_N, K] @ A tile^T        (then alpha, bias, one cast)
 
