@@ -260,13 +260,15 @@ def test_fused_kernel_platforms():
 @fused_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
-def test_fused_kernel(op, dtype):
-    """The fused Hopper kernel, each of its configs, through the dispatch (which must pick it): rows from 2 to
-    ``FUSED_MAX_ROWS``, N not a multiple of a tile, K from one step of 256 to 4096, bias or none, every e2m1 code
-    and e4m3 scale (with bf16 outputs: such sums overflow fp16)."""
+def test_fused_kernel(monkeypatch, op, dtype):
+    """The fused Hopper kernel, each of its configs, then through the dispatch (which must pick it): rows from 2
+    to ``FUSED_MAX_ROWS``, N not a multiple of a tile, K from one step of 256 to 4096, bias or none, every e2m1
+    code and e4m3 scale (with bf16 outputs: such sums overflow fp16)."""
     from fp4compile.kernels import gluon_gemm
 
-    assert triton_gemm.launch_mma is not gluon_gemm.launch
+    launches = []
+    launch = gluon_gemm.launch
+    monkeypatch.setattr(gluon_gemm, "launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
     for m, n, k, with_bias, raw in ((2, 100, 256, True, True), (3, 4096, 4096, False, False),
                                     (17, 200, 512, True, False), (128, 64, 1024, False, True),
                                     (300, 100, 256, True, False), (1000, 4096, 4096, False, False),
@@ -288,10 +290,12 @@ def test_fused_kernel(op, dtype):
                 gluon_gemm.launch(*a, [w], None if bias is None else [bias], [out], config=config)
             check(outs[0], ref, outs[1], dtype)
         out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float32)
+        launches.clear()
         if op == "a16":
             triton_gemm.gemm_a16(x, *w, bias, out_dtype=torch.float32, out=out)
         else:
             triton_gemm.gemm(*a, *w, bias, torch.float32, out=out)
+        assert launches, f"the dispatch did not run the fused kernel for M={m}, K={k}"
         check(out, ref, out, torch.float32)
 
 
