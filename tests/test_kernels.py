@@ -257,6 +257,21 @@ def test_fused_kernel_platforms():
     assert "Triton 3.6, this is Triton 3.9.0" in kernels.fused_platform_problem((9, 0), "3.9.0")
 
 
+@pytest.mark.parametrize("k", (64, 96, 256))
+def test_activation_dot_order_is_the_weight_order(k):
+    """The activation reorder (``_dot_order``) puts at each dot position the element that the fused kernel's
+    weight dequantize puts there (``gluon_gemm._dot_element``); past K, zeros. A mismatch would pair activations
+    with the wrong weights."""
+    gluon_gemm = pytest.importorskip("fp4compile.kernels.gluon_gemm")
+    a = torch.arange(1.0, 2 * k + 1).reshape(2, k)
+    ordered = triton_gemm._dot_order(a)
+    assert ordered.is_contiguous() and ordered.shape == (2, -(-k // 64) * 64)
+    for position in range(ordered.shape[1]):
+        element = position - position % 64 + gluon_gemm._dot_element(position % 64)
+        expect = a[:, element] if element < k else torch.zeros(2)
+        assert torch.equal(ordered[:, position], expect), f"position {position}"
+
+
 @fused_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))

@@ -650,8 +650,8 @@ def _dot_order(a: torch.Tensor) -> torch.Tensor:
     """[M, K] -> [M, K rounded up to 64] in ``_mma_kernel``'s K order (zero padded): in each chunk of 64,
     element ``t*16 + J*4 + h*2 + n`` moves to position ``J*16 + h*8 + t*2 + n``."""
     m, k = a.shape
-    padded = torch.nn.functional.pad(a, (0, -k % 64))
-    return padded.view(m, -1, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, -1)
+    padded = torch.nn.functional.pad(a, (0, -k % 64)) if k % 64 else a  # a pad always copies
+    return padded.reshape(m, -1, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, -1)
 
 
 def dequantize(packed, scales, dtype, out=None):
