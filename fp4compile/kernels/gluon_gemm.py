@@ -17,9 +17,9 @@ The sum over K may take K in any order if both operands take the same. The wgmma
 Each thread loads its bytes with two 8-byte shared loads, and the activation is copied into that order once
 (``triton_gemm._dot_order``) before the TMA reads it.
 
-A group of weights over one activation (q/k/v) is one launch, as for the Triton kernels (``_member``). K is split
-over programs when few output tiles would leave SMs idle; the fp32 partials are summed by
-``triton_gemm._epilogue_kernel``.
+A group of weights over one activation (q/k/v) is one launch: each program finds its weight with
+``triton_gemm._member`` and ``_pick``, called from Gluon as they are. K is split over programs when few output
+tiles would leave SMs idle; the fp32 partials are summed by ``triton_gemm._epilogue_kernel``.
 """
 
 import torch
@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import triton_gemm
-from .triton_gemm import _operand_ptx
+from .triton_gemm import _member, _operand_ptx, _pick
 
 BLOCK_K = gl.constexpr(64)  # one step: 32 packed bytes and 4 block scales per weight row
 _PTX_BF16 = gl.constexpr(_operand_ptx("bf16"))
@@ -102,30 +102,6 @@ def _flat(layout):
 
     return gl.DistributedLinearLayout([flat(b) for b in layout.reg_bases], [flat(b) for b in layout.lane_bases],
                                       [flat(b) for b in layout.warp_bases], [], [layout.shape[0], 32])
-
-
-@gluon.jit
-def _member(start, ends):
-    """Which weight of a group owns output row ``start`` of the stacked weights, and its rows ``[first, end)``
-    (``triton_gemm._member``, for Gluon)."""
-    member = 0
-    first = 0
-    end = ends[0]
-    for j in gl.static_range(1, len(ends)):
-        later = start >= ends[j - 1]
-        member = gl.where(later, j, member)
-        first = gl.where(later, ends[j - 1], first)
-        end = gl.where(later, ends[j], end)
-    return member, first, end
-
-
-@gluon.jit
-def _pick(member, values):
-    """``values[member]`` for a tuple of pointers, one per weight of a group."""
-    value = values[0]
-    for j in gl.static_range(1, len(values)):
-        value = gl.where(member == j, values[j], value)
-    return value
 
 
 @gluon.jit
