@@ -91,8 +91,8 @@ def main() -> None:
                 row[f"{name}_us"], row[f"{name}_config"] = times[0]
                 row[f"{name}_top"] = [(round(t, 2), c) for t, c in times[:5]]
                 print(f"N={n} K={k} M={m}: bf16 {row['bf16_us']:.1f} us, dequantize+cuBLAS "
-                      f"{row['cublas_path_us']:.1f} | {name}: " + ", ".join(f"{t:.1f} us {c}" for t, c in times[:4]),
-                      flush=True)
+                      f"{row['cublas_path_us']:.1f} | {name} (err {row[name + '_err']:.1e}): "
+                      + ", ".join(f"{t:.1f} us {c}" for t, c in times[:4]), flush=True)
             rows.append(row)
             write_rows(args.out, rows)
     print(f"\n{torch.cuda.get_device_name()} (us, CUDA-graph replay; x = bf16 / path)")
