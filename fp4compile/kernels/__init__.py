@@ -77,7 +77,7 @@ def _fused_family_problem(device_index: int) -> str | None:
     capability = torch.cuda.get_device_capability(device_index)
     reason = fused_platform_problem(capability, triton.__version__)
     if reason is not None and capability[0] == 9:  # a Hopper without its fastest kernel: say why, once
-        _fallback_notice(f"{reason}; 2-128 rows run the Triton tensor-core kernel instead")
+        _fallback_notice(f"{reason}; the Triton kernels run instead")
     return reason
 
 
