@@ -278,23 +278,25 @@ def test_activation_dot_order_is_the_weight_order(k):
 def test_fused_kernel(monkeypatch, op, dtype):
     """The fused Hopper kernel, each of its configs, then through the dispatch (which must pick it): rows from 2
     to ``FUSED_MAX_ROWS``, N not a multiple of a tile, K from one step of 256 to 4096, bias or none, every e2m1
-    code and e4m3 scale (with bf16 outputs: such sums overflow fp16)."""
+    code and e4m3 scale (with bf16 outputs: such sums overflow fp16), activations that are views with wider rows
+    (gathered in place when the row stride allows 16-byte alignment, copied when not)."""
     from fp4compile.kernels import gluon_gemm
 
     launches = []
     launch = gluon_gemm.launch
     monkeypatch.setattr(gluon_gemm, "launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
-    for m, n, k, with_bias, raw in ((2, 100, 256, True, True), (3, 4096, 4096, False, False),
-                                    (17, 200, 512, True, False), (128, 64, 1024, False, True),
-                                    (300, 100, 256, True, False), (1000, 4096, 4096, False, False),
-                                    (kernels.FUSED_MAX_ROWS, 160, 768, True, False)):
+    for m, n, k, with_bias, raw, wider in ((2, 100, 256, True, True, 0), (3, 4096, 4096, False, False, 64),
+                                           (17, 200, 512, True, False, 8), (40, 192, 256, False, False, 64),
+                                           (128, 64, 1024, False, True, 0),
+                                           (300, 100, 256, True, False, 8), (1000, 4096, 4096, False, False, 0),
+                                           (kernels.FUSED_MAX_ROWS, 160, 768, True, False, 0)):
         assert kernels.fused_problem(torch.device("cuda"), m, k) is None
         raw = raw and dtype == torch.bfloat16
         w = random_nvfp4(n, k, raw=raw)
         bias = (torch.randn(n) * 3).to(dtype).to(DEVICE) if with_bias else None
         bias64 = bias.cpu().double() if with_bias else 0.0
         if op == "a16":
-            x = (torch.randn(m, k) * 4).to(dtype).to(DEVICE)
+            x = (torch.randn(m, k + wider) * 4).to(dtype).to(DEVICE)[:, :k]
             a, ref = (x, None, None), x.cpu().double() @ dequant64(*w).t() + bias64
         else:
             a = random_nvfp4(m, k, raw=raw)
@@ -328,12 +330,38 @@ def test_fused_kernel_group(m, shapes):
     x = (torch.randn(m, k) * 4).bfloat16().to(DEVICE)
     ends = triton_gemm._ends(weights)
     configs = [c for c in gluon_gemm.configs_for(m) if all(e % c[1] == 0 for e in ends[:-1])]
-    assert len(configs) == (len(gluon_gemm.configs_for(m)) if shapes[0] == 128 else 1 + (m <= 128))
+    assert configs and (shapes[0] == 64 or configs == gluon_gemm.configs_for(m))
     for config in configs:
         outs = [torch.full((m, n), float("nan"), device=DEVICE) for n in shapes]
         gluon_gemm.launch(x, None, None, weights, biases, outs, config=config)
         for w, bias, out in zip(weights, biases, outs):
             check(out, x.cpu().double() @ dequant64(*w).t() + bias.cpu().double(), out, torch.float32)
+
+
+@fused_only
+def test_fused_split_k_tickets():
+    """A K split sums its slices in the last program of each tile, which then sets the tile's ticket counter back
+    to zero: launch after launch, and replay after replay of a CUDA graph, every output is whole and right."""
+    from fp4compile.kernels import gluon_gemm
+
+    w = random_nvfp4(192, 1024)
+    x = (torch.randn(16, 1024) * 4).bfloat16().to(DEVICE)
+    ref = x.cpu().double() @ dequant64(*w).t()
+    out = torch.empty(16, 192, device=DEVICE)
+    config = next(c for c in gluon_gemm.configs_for(16) if c[4] > 1)
+    run = lambda: gluon_gemm.launch(x, None, None, [w], None, [out], config=config)  # noqa: E731
+    for _ in range(3):
+        out.fill_(float("nan"))
+        run()
+        check(out, ref, out, torch.float32)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        check(out, ref, out, torch.float32)
+    assert not gluon_gemm._TICKETS[x.device].any()
 
 
 @gpu_only

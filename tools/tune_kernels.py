@@ -5,10 +5,11 @@
 For each weight shape (N, K) and batch M it times cuBLAS bf16 ``F.linear``, the dequantize + cuBLAS path
 (``triton_gemm.launch_cublas``, what compiled graphs run above ``DIRECT_MAX_ROWS`` rows) and every candidate
 configuration of the kernels for that M (``_gemv_kernel`` for M = 1; ``_mma_kernel`` up to ``DIRECT_MAX_ROWS``;
-on Hopper also the fused Gluon kernel, up to ``FUSED_MAX_ROWS``), all nvfp4a16 with bf16 activations. It prints
-the fastest configurations per point and, last, a table of the best of each path, which is what the row limits
-and the default lists (``_GEMV_CONFIGS``, ``_mma_configs``, ``gluon_gemm.configs_for``) are chosen from
-(tools/KERNEL_NOTES.md records the runs).
+on Hopper also the fused Gluon kernel, from one row up to ``FUSED_MAX_ROWS``: ``FUSED_CANDIDATES`` up to
+``DIRECT_MAX_ROWS``, a wider list than ``gluon_gemm.configs_for``), all nvfp4a16 with bf16 activations. It prints the
+fastest configurations per point and, last, a table of the best of each path, which is what the row limits and the
+default lists (``_GEMV_CONFIGS``, ``_mma_configs``, ``gluon_gemm.configs_for``) are chosen from (tools/KERNEL_NOTES.md
+records the runs).
 """
 
 import argparse
@@ -36,6 +37,11 @@ GEMV_CANDIDATES = [(bn, bk, warps) for bn in (4, 8, 16, 32) for bk in (256, 512,
 MMA_CANDIDATES = [(bn, 64, split, 4 if bn == 64 else 8, stages, order)
                   for bn, stages in ((64, 3), (64, 4), (64, 6), (128, 3)) for split in (1, 2, 4, 8)
                   for order in (False, True)]
+# (BLOCK_N, num_warps, STAGES, SPLIT_K, GATHER) of the fused kernel up to DIRECT_MAX_ROWS rows, where graphs call
+# it; above, gluon_gemm.configs_for. BLOCK_M is M rounded up to a power of two (16 at least).
+FUSED_CANDIDATES = [(bn, warps, stages, split, gather) for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8))
+                    for stages in (6, 10) for split in (1, 2, 4, 8) for gather in (True, False)
+                    if gather or (stages == 6 and split in (1, 4))]
 L2_MISS_BYTES = 150 * 2**20  # weight copies per graph: enough bytes that every replay reads from memory
 
 
@@ -78,10 +84,14 @@ def main() -> None:
                 paths.append(("kernel", [(bn, block_m, bk, split, warps, stages, order)
                                          for bn, bk, split, warps, stages, order in MMA_CANDIDATES],
                               triton_gemm.launch_mma))
-            if kernels.fused_problem(x.device, m, k) is None:
+            if kernels.fused_problem(x.device, max(m, 2), k) is None:  # at one row too, against the GEMV
                 from fp4compile.kernels import gluon_gemm
 
-                paths.append(("fused", gluon_gemm.configs_for(m), gluon_gemm.launch))
+                block_m = max(16, triton_gemm.triton.next_power_of_2(m))
+                configs = (gluon_gemm.configs_for(m) if m > kernels.DIRECT_MAX_ROWS else
+                           [(block_m, bn, stages, warps, split, gather)
+                            for bn, warps, stages, split, gather in FUSED_CANDIDATES])
+                paths.append(("fused", configs, gluon_gemm.launch))
             for name, configs, launch in paths:
                 times = sweep(configs, lambda c: [lambda w=w: launch(x, None, None, [w], None, [out], config=c)
                                                   for w in fp4_copies])

@@ -5,8 +5,8 @@ between Triton releases: this is written for, and was run with, Triton 3.6.
     out^T tile [BLOCK_N, BLOCK_M] = W tile [BLOCK_N, K] @ A tile^T        (then alpha, bias, one cast)
 
 The weight is wgmma's left operand, dequantized in registers from the packed bytes as the backend stores them
-(torchao's layout, no repacking); the activation is the right operand, brought into shared memory by TMA. No
-dequantized weight goes to memory. Gluon (``triton.experimental.gluon``) is needed for what plain Triton 3.6
+(torchao's layout, no repacking); the activation is the right operand, in shared memory. No dequantized weight
+goes to memory. Gluon (``triton.experimental.gluon``) is needed for what plain Triton 3.6
 does not do: an asynchronous wgmma whose operand comes from registers, so that the dequantize of step i+1 runs
 while the MMA of step i does (tools/KERNEL_NOTES.md, versions 7 and 14).
 
@@ -14,12 +14,14 @@ The sum over K may take K in any order if both operands take the same. The wgmma
 (of each 4) positions 2t, 2t+1, 2t+8, 2t+9 of every 16; the dot's order is chosen so that these are the lane's own
 8 contiguous packed bytes of each 64-element step, one 16-element block with one scale: dot position
 ``J*16 + h*8 + t*2 + n`` (J < 4; h, n < 2) is element ``t*16 + J*4 + h*2 + n``, as in ``triton_gemm._mma_kernel``.
-Each thread loads its bytes with two 8-byte shared loads, and the activation is copied into that order once
-(``triton_gemm._dot_order``) before the TMA reads it.
+Each thread loads its bytes with two 8-byte shared loads. The activation takes the same order one of two ways,
+chosen by the config: gathered by 4-byte cp.async straight from the tensor (no other kernel; up to 64 rows), or
+copied into that order once (``triton_gemm._dot_order``) and read by TMA.
 
 A group of weights over one activation (q/k/v) is one launch: each program finds its weight with
 ``triton_gemm._member`` and ``_pick``, called from Gluon as they are. K is split over programs when few output
-tiles would leave SMs idle; the fp32 partials are summed by ``triton_gemm._epilogue_kernel``.
+tiles would leave SMs idle; the last program of each tile to finish sums the fp32 partials, so a split GEMM is
+still one launch.
 """
 
 import torch
@@ -27,24 +29,33 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import triton_gemm
 from .triton_gemm import _member, _operand_ptx, _pick
 
 BLOCK_K = gl.constexpr(64)  # one step: 32 packed bytes and 4 block scales per weight row
+MAX_SPLIT_TILES = 16384  # output tiles of a launch whose K is split: one int32 ticket counter each
+_TICKETS: dict[torch.device, torch.Tensor] = {}
 _PTX_BF16 = gl.constexpr(_operand_ptx("bf16"))
 _PTX_F16 = gl.constexpr(_operand_ptx("f16"))
 
 
 def configs_for(m: int) -> list:
-    """(BLOCK_M, BLOCK_N, STAGES, num_warps, SPLIT_K) timed at ``m`` rows: BLOCK_M the rows rounded up to a power
-    of two (16-256); 128 weight rows with 8 warps (4 or 5 stages) or 64 with 4; at up to 128 rows also K split 4
-    ways. The H200 runs of version 14 picked from exactly these."""
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps, SPLIT_K, GATHER) timed at ``m`` rows, BLOCK_M the rows rounded up to
+    a power of two (16-256). From the H200 sweeps of ``tools/tune_kernels.py`` (KERNEL_NOTES.md, version 16): at
+    16 rows a gathered activation with 128 (or 64) weight rows on 4 warps and K split 2-8 ways won every shape; at
+    128 rows gathering spills registers and TMA with 64 weight rows won, split 1-4 ways; above 128 rows,
+    TMA with 128 weight rows on 8 warps or 64 on 4 (version 14's runs)."""
     block_m = min(256, max(16, triton.next_power_of_2(m)))
-    configs = [(block_m, 128, 4, 8, 1), (block_m, 128, 5, 8, 1), (block_m, 64, 6, 4, 1)]
-    return configs + ([(block_m, 64, 6, 4, 4)] if m <= 128 else [])
+    if m > 128:
+        return [(block_m, 128, 4, 8, 1, False), (block_m, 128, 5, 8, 1, False), (block_m, 64, 6, 4, 1, False)]
+    gathered = [(block_m, 128, 6, 4, split, True) for split in (4, 2, 8)] if block_m <= 32 else []
+    gathered += [(block_m, 64, 6, 4, 4, True)] if block_m <= 64 else []  # more rows spill registers
+    by_tma = [(block_m, 64, 6, 4, split, False) for split in (1, 4)] + [(block_m, 128, 6, 4, 1, False)]
+    return gathered + (by_tma if block_m >= 32 else [])
 
 
 @gluon.constexpr_function
@@ -105,14 +116,19 @@ def _flat(layout):
 
 
 @gluon.jit
-def _copy_step(step, slot, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, a_smem, w_smem, s_smem, steps):
-    """K step ``step`` of this program's slice (starting at element ``off_k``; ``w_ptrs`` and ``s_ptrs`` point at
-    its start) into ring slot ``slot``: the activation tile by TMA (arriving on the slot's mbarrier; rows past M
-    read as zeros), the weight bytes and block scales by cp.async. Steps past the slice copy nothing."""
+def _copy_step(step, slot, a_desc, a_ptrs, a_mask, off_m, off_k, bars, w_ptrs, s_ptrs, a_smem, w_smem, s_smem,
+               steps):
+    """K step ``step`` of this program's slice (starting at element ``off_k``; ``w_ptrs``, ``s_ptrs`` and, for a
+    gathered activation, ``a_ptrs`` point at its start) into ring slot ``slot``: the activation tile by TMA
+    (arriving on the slot's mbarrier; rows past M read as zeros) or gathered into dot order by cp.async (rows past
+    M masked), the weight bytes and block scales by cp.async. Steps past the slice copy nothing."""
     live = step < steps
-    mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes, pred=live)
-    tma.async_copy_global_to_shared(a_desc, [off_m, off_k + step * BLOCK_K], bars.index(slot), a_smem.index(slot),
-                                    pred=live)
+    if a_desc is None:
+        cp.async_copy_global_to_shared(a_smem.index(slot), a_ptrs + step * BLOCK_K, mask=a_mask & live)
+    else:
+        mbarrier.expect(bars.index(slot), a_desc.block_type.nbytes, pred=live)
+        tma.async_copy_global_to_shared(a_desc, [off_m, off_k + step * BLOCK_K], bars.index(slot),
+                                        a_smem.index(slot), pred=live)
     cp.async_copy_global_to_shared(w_smem.index(slot), w_ptrs + step * (BLOCK_K // 2), mask=live)
     cp.async_copy_global_to_shared(s_smem.index(slot), s_ptrs + step * (BLOCK_K // 16), mask=live)
 
@@ -140,14 +156,33 @@ def _dequantize_step(w_smem, s_smem, slot, byte_layout: gl.constexpr, dot_layout
 
 
 @gluon.jit
-def fused_kernel(a_desc, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs, partial_ptr,
-                 M, ends, K, stride_wn, stride_sn,
-                 ALPHA_SHIFT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """Program (m, n, s): BLOCK_N rows of the stacked weights (one member of the group), BLOCK_M activation rows
-    (the activation in dot order), the s-th of SPLIT_K slices of the K steps. Weight rows past a member's end
-    wrap around and are not stored. With one slice the program applies alpha and the bias and casts; with more
-    it stores its raw fp32 sum in ``partial_ptr`` [SPLIT_K, M, ends[-1]].
+def _finish(acc, alpha, member, offs_n, offs_m, mask, N, bias_ptrs, out_ptrs):
+    """``acc * alpha`` plus the member's bias, cast once and stored into the member's output (tile in the store
+    layout: rows of the weight along dim 0)."""
+    out = acc * alpha
+    if bias_ptrs is not None:
+        out += gl.load(_pick(member, bias_ptrs) + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+    out_ptr = _pick(member, out_ptrs)
+    gl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def fused_kernel(a_desc, a_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs, partial_ptr,
+                 tickets_ptr, M, ends, K, stride_am, stride_wn, stride_sn,
+                 ALPHA_SHIFT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+    """Program (m, n, s): BLOCK_N rows of the stacked weights (one member of the group), BLOCK_M activation rows,
+    the s-th of SPLIT_K slices of the K steps. Weight rows past a member's end wrap around and are not stored.
+
+    The activation comes by TMA through ``a_desc`` (already copied into dot order, ``triton_gemm._dot_order``),
+    or, when ``a_desc`` is None, is gathered into dot order from ``a_ptr`` [M, K] by 4-byte cp.async (the
+    element pairs ``n`` = 0, 1 are contiguous in both orders): no extra kernel, at the cost of many small copies,
+    which pays at few rows.
+
+    With one slice the program applies alpha and the bias and casts. With more, each stores its raw fp32 sum in
+    ``partial_ptr`` [SPLIT_K, M, ends[-1]] and takes a ticket from its tile's counter in ``tickets_ptr``; the
+    last to arrive sums the slices in slice order (the result does not depend on which program is last), applies
+    alpha and the bias, casts, and sets the counter back to zero for the next launch.
 
     Pipeline, per K step i: wgmma(i) is issued on the operand dequantized the step before; while it runs, the
     bytes of step i+1 (copied STAGES - 2 steps ahead) are dequantized; then the wait retires wgmma(i-1), a CTA
@@ -155,8 +190,7 @@ def fused_kernel(a_desc, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs,
     wgmma(i-2) read. The operand of wgmma(i-1) is passed to that wait, which keeps its registers from being reused
     while the MMA reads them.
     """
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    DTYPE: gl.constexpr = a_desc.dtype
+    DTYPE: gl.constexpr = a_ptr.dtype.element_ty if a_desc is None else a_desc.dtype
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     member, first_n, end_n = _member(pid_n * BLOCK_N, ends)
@@ -173,13 +207,20 @@ def fused_kernel(a_desc, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs,
     gl.static_assert(_same_but_register_order(byte_layout, _operand_bytes(gl.to_linear_layout(dot, [BLOCK_N,
                                                                                                     BLOCK_K]))))
 
-    # cp.async: each thread 16 contiguous bytes of a weight row (2 threads a row), each row's 4 scale bytes.
-    # Shared memory holds them as global memory does, without swizzling: a warp's 8-byte loads of
-    # ``flat`` read 8 rows x 32 contiguous bytes, free of bank conflicts.
+    # cp.async: each thread 16 contiguous bytes of a weight row (2 threads a row), each row's 4 scale bytes, and
+    # for a gathered activation 2 elements (4 bytes) at a time. Shared memory holds the weight bytes as global
+    # memory does, without swizzling: a warp's 8-byte loads of ``flat`` read 8 rows x 32 contiguous bytes, free
+    # of bank conflicts.
     w_copy: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
     s_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [num_warps, 1], [1, 0])
+    a_copy: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
     plain: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    a_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    if a_desc is None:
+        a_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    else:
+        gl.static_assert(a_desc.block_type.shape[0] == BLOCK_M)
+        a_layout: gl.constexpr = a_desc.layout
+    a_smem = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], a_layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
@@ -194,25 +235,37 @@ def fused_kernel(a_desc, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs,
               + gl.arange(0, 4, gl.SliceLayout(0, s_copy))[None, :])
     off_m = pid_m * BLOCK_M
     off_k = first * BLOCK_K
+    position = gl.arange(0, BLOCK_K, gl.SliceLayout(0, a_copy))  # J*16 + h*8 + t*2 + n
+    element = gl.max_contiguous(gl.multiple_of((position // 2 % 4) * 16 + (position // 16) * 4
+                                               + (position // 8 % 2) * 2 + position % 2, 2), 2)
+    rows_a = off_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, a_copy))
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + off_k + element[None, :]
+    a_mask = (rows_a < M)[:, None]
 
     for s in gl.static_range(STAGES - 2):
-        _copy_step(s, s, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs, a_smem, w_smem, s_smem, steps)
+        _copy_step(s, s, a_desc, a_ptrs, a_mask, off_m, off_k, bars, w_ptrs, s_ptrs, a_smem, w_smem, s_smem, steps)
         cp.commit_group()
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     cp.wait_group(STAGES - 3)
+    if a_desc is None:  # the gathered activation, written by cp.async, is read by wgmma (the async proxy)
+        fence_async_shared()
+        gl.thread_barrier()
     w_next = _dequantize_step(w_smem, s_smem, 0, byte_layout, dot, DTYPE, BLOCK_N)
     w_prev = gl.zeros([BLOCK_N, BLOCK_K], DTYPE, dot)
     for i in range(steps):
         w = w_next
-        mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
+        if a_desc is not None:
+            mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
         acc = warpgroup_mma(w, a_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
         cp.wait_group(STAGES - 4)
+        if a_desc is None:
+            fence_async_shared()
         w_next = _dequantize_step(w_smem, s_smem, (i + 1) % STAGES, byte_layout, dot, DTYPE, BLOCK_N)
         acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
         w_prev = w
         gl.thread_barrier()
-        _copy_step(i + STAGES - 2, (i + STAGES - 2) % STAGES, a_desc, off_m, off_k, bars, w_ptrs, s_ptrs,
-                   a_smem, w_smem, s_smem, steps)
+        _copy_step(i + STAGES - 2, (i + STAGES - 2) % STAGES, a_desc, a_ptrs, a_mask, off_m, off_k, bars, w_ptrs,
+                   s_ptrs, a_smem, w_smem, s_smem, steps)
         cp.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     cp.wait_group(0)
@@ -220,26 +273,42 @@ def fused_kernel(a_desc, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs,
     # The tile is out^T: store it through a layout whose threads run along n, the output's contiguous dimension.
     store: gl.constexpr = gl.BlockedLayout([8, 1], [BLOCK_N // 8, 32 // (BLOCK_N // 8)], [1, num_warps], [0, 1])
     offs_n = pid_n * BLOCK_N - first_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, store))
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(0, store))
+    offs_m = off_m + gl.arange(0, BLOCK_M, gl.SliceLayout(0, store))
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    if SPLIT_K > 1:
-        total_n = ends[len(ends) - 1]
-        partial = partial_ptr + (gl.program_id(2) * M + offs_m[None, :]) * total_n + first_n + offs_n[:, None]
-        gl.store(partial, gl.convert_layout(acc, store), mask=mask)
-        return
+    acc = gl.convert_layout(acc, store)
     alpha = gl.load(_pick(member, w_pts_ptrs)) * ALPHA_SHIFT
     if a_pts_ptr is not None:
         alpha = alpha * gl.load(a_pts_ptr)
-    out = gl.convert_layout(acc * alpha, store)
-    if bias_ptrs is not None:
-        out += gl.load(_pick(member, bias_ptrs) + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
-    out_ptr = _pick(member, out_ptrs)
-    gl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], out.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        _finish(acc, alpha, member, offs_n, offs_m, mask, N, bias_ptrs, out_ptrs)
+    else:
+        total_n = ends[len(ends) - 1]
+        partials = partial_ptr + (offs_m[None, :] * total_n + first_n + offs_n[:, None])
+        gl.store(partials + gl.program_id(2) * M * total_n, acc, mask=mask)
+        gl.thread_barrier()  # every thread's partial is written before the ticket releases them
+        ticket_ptr = tickets_ptr + pid_m * gl.num_programs(1) + pid_n
+        if gl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, store)
+            for s in gl.static_range(SPLIT_K):
+                total += gl.load(partials + s * M * total_n, mask=mask, other=0.0, cache_modifier=".cg")
+            _finish(total, alpha, member, offs_n, offs_m, mask, N, bias_ptrs, out_ptrs)
+            gl.store(ticket_ptr, 0)
+
+
+def _tickets(device: torch.device) -> torch.Tensor | None:
+    """The split-K tile counters of ``device`` (zero between launches), made on first use; None while a CUDA graph
+    is being captured before they exist (they must not live in the graph's memory pool)."""
+    if device not in _TICKETS:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        _TICKETS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return _TICKETS[device]
 
 
 def launch(a, a_scales, a_pts, weights, biases, outs, config=None):
-    """Run ``fused_kernel`` into ``outs`` (one [M, N_i] per weight; plus ``_epilogue_kernel`` when K is split);
-    arguments as for ``triton_gemm.launch_mma``. ``config`` is (BLOCK_M, BLOCK_N, STAGES, num_warps, SPLIT_K)."""
+    """Run ``fused_kernel`` into ``outs`` (one [M, N_i] per weight); arguments as for ``triton_gemm.launch_mma``.
+    ``config`` is (BLOCK_M, BLOCK_N, STAGES, num_warps, SPLIT_K, GATHER): GATHER reads the activation as it is,
+    otherwise it is copied into dot order first and read by TMA."""
     m, k = a.shape[0], weights[0][0].shape[1] * 2
     w_packed, w_scales, w_pts = triton_gemm._columns(weights)
     biases = None if biases is None else tuple(biases)
@@ -247,22 +316,28 @@ def launch(a, a_scales, a_pts, weights, biases, outs, config=None):
     ends = triton_gemm._ends(weights)
     if a_scales is not None:
         a = triton_gemm.dequantize(a, a_scales, torch.float16)
-    a = triton_gemm._dot_order(a)
+    elif a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:  # rows of whole, aligned 16-byte vectors
+        a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
     dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
     alpha_shift = 2.0**7 if a.dtype == torch.bfloat16 else 2.0**14
 
     def run(cfg):
-        block_m, block_n, stages, warps, split = cfg
-        split = min(split, k // BLOCK_K.value)
-        partials = None if split == 1 else torch.empty((split, m, ends[-1]), device=a.device, dtype=torch.float32)
-        a_desc = TensorDescriptor(a, [m, k], [k, 1], [block_m, BLOCK_K.value],
-                                  gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K.value], dtype))
-        grid = (triton.cdiv(m, block_m), triton.cdiv(ends[-1], block_n), split)
-        fused_kernel[grid](a_desc, a_pts, w_packed, w_scales, w_pts, biases, outs, partials, m, ends, k,
-                           w_packed[0].stride(0), w_scales[0].stride(0),
-                           ALPHA_SHIFT=alpha_shift, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split, num_warps=warps)
-        if split > 1:
-            triton_gemm._launch_epilogue(partials, a_pts, w_pts, biases, outs, m, ends, split, alpha_shift)
+        block_m, block_n, stages, warps, split, gather = cfg
+        grid = (triton.cdiv(m, block_m), triton.cdiv(ends[-1], block_n), min(split, k // BLOCK_K.value))
+        tickets = _tickets(a.device) if grid[2] > 1 and grid[0] * grid[1] <= MAX_SPLIT_TILES else None
+        if tickets is None:
+            grid = (*grid[:2], 1)
+        partials = (None if grid[2] == 1 else
+                    torch.empty((grid[2], m, ends[-1]), device=a.device, dtype=torch.float32))
+        a_in, a_desc = a, None
+        if not gather:
+            a_in = triton_gemm._dot_order(a)
+            a_desc = TensorDescriptor(a_in, [m, k], [k, 1], [block_m, BLOCK_K.value],
+                                      gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K.value], dtype))
+        fused_kernel[grid](a_desc, a_in, a_pts, w_packed, w_scales, w_pts, biases, outs, partials, tickets,
+                           m, ends, k, a_in.stride(0), w_packed[0].stride(0), w_scales[0].stride(0),
+                           ALPHA_SHIFT=alpha_shift, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                           SPLIT_K=grid[2], num_warps=warps)
 
     if config is None:
         key = ("fused", a.dtype, outs[0].dtype, biases is not None, ends, k, triton.next_power_of_2(m))
