@@ -235,7 +235,9 @@ def fused_kernel(a_desc, a_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bia
               + gl.arange(0, 4, gl.SliceLayout(0, s_copy))[None, :])
     off_m = pid_m * BLOCK_M
     off_k = first * BLOCK_K
-    position = gl.arange(0, BLOCK_K, gl.SliceLayout(0, a_copy))  # J*16 + h*8 + t*2 + n
+    # The gathered activation's pointers (unused with TMA): dot position J*16 + h*8 + t*2 + n of each step reads
+    # element t*16 + J*4 + h*2 + n, pairs of elements 4-byte aligned.
+    position = gl.arange(0, BLOCK_K, gl.SliceLayout(0, a_copy))
     element = gl.max_contiguous(gl.multiple_of((position // 2 % 4) * 16 + (position // 16) * 4
                                                + (position // 8 % 2) * 2 + position % 2, 2), 2)
     rows_a = off_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, a_copy))
