@@ -299,7 +299,8 @@ def fused_kernel(a_desc, a_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bia
 
 def _tickets(device: torch.device) -> torch.Tensor | None:
     """The split-K tile counters of ``device`` (zero between launches), made on first use; None while a CUDA graph
-    is being captured before they exist (they must not live in the graph's memory pool)."""
+    is being captured before they exist (they must not live in the graph's memory pool). Split launches on one
+    device share them, so they must not run concurrently on several streams (the backend uses one)."""
     if device not in _TICKETS:
         if torch.cuda.is_current_stream_capturing():
             return None
