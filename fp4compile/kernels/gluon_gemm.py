@@ -319,8 +319,6 @@ def launch(a, a_scales, a_pts, weights, biases, outs, config=None):
     ends = triton_gemm._ends(weights)
     if a_scales is not None:
         a = triton_gemm.dequantize(a, a_scales, torch.float16)
-    elif a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:  # rows of whole, aligned 16-byte vectors
-        a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
     dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
     alpha_shift = 2.0**7 if a.dtype == torch.bfloat16 else 2.0**14
 
@@ -333,8 +331,10 @@ def launch(a, a_scales, a_pts, weights, biases, outs, config=None):
         partials = (None if grid[2] == 1 else
                     torch.empty((grid[2], m, ends[-1]), device=a.device, dtype=torch.float32))
         a_in, a_desc = a, None
-        if not gather:
-            a_in = triton_gemm._dot_order(a)
+        if gather and (a.stride(1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16):
+            a_in = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)  # rows of aligned 16-byte vectors
+        elif not gather:
+            a_in = triton_gemm._dot_order(a)  # a new, contiguous tensor whatever ``a``'s strides
             a_desc = TensorDescriptor(a_in, [m, k], [k, 1], [block_m, BLOCK_K.value],
                                       gl.NVMMASharedLayout.get_default_for([block_m, BLOCK_K.value], dtype))
         fused_kernel[grid](a_desc, a_in, a_pts, w_packed, w_scales, w_pts, biases, outs, partials, tickets,
