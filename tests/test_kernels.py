@@ -160,13 +160,16 @@ def test_group_with_and_without_bias_runs_weight_by_weight():
 
 @pytest.mark.parametrize("m", (1, 20))
 def test_awkward_activations(m):
-    """Zeros, tiny and huge activations, and exact ties of the bf16 grid."""
-    x = torch.randn(m, 64) * 4
+    """Zeros, tiny and huge activations, exact ties of the bf16 grid, and blocks on both sides of the powers of
+    two where the GEMV's per-block activation scaling (``_scaled_activation``) stops moving with the block."""
+    x = torch.randn(m, 96) * 4
     x[0, :16] = 0.0
     x[:, 16:32] = 1e-30
     x[:, 32:40] = 1e20
     x[:, 40:48] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
-    run_case("a16", m, 32, 64, torch.bfloat16, True, x=x.bfloat16().to(DEVICE))
+    x[:, 64:80] *= 2.0**63
+    x[:, 80:96] *= 2.0**-66
+    run_case("a16", m, 32, 96, torch.bfloat16, True, x=x.bfloat16().to(DEVICE))
 
 
 @gpu_only
