@@ -11,8 +11,9 @@ fp16 and bf16 and the tensor-core products are exact in fp32; the global scales 
 Dequantization is integer bit moves: a nibble ``s e1 e0 m`` moved into a float's sign, lowest exponent bits and
 highest mantissa bit is the e2m1 value times a power of two, subnormals included (fp16: 2**-14; bf16: 2**-126,
 then one exact bf16 multiply by the scale times 2**119; fp32 for the GEMV: 2**-126, with the activation scaled up
-to match, see ``_gemv_kernel``). ``alpha`` carries any power of two left back. On sm_89+ GPUs the bit moves run as inline PTX on 4 bytes
-at a time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable Triton version.
+to match, see ``_gemv_kernel``). ``alpha`` carries any power of two left back. On sm_89+ GPUs the bit moves run
+as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable
+Triton version.
 
 Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block scale applied once per 16
 products); ``_mma_kernel`` up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers
