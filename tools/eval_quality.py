@@ -44,7 +44,7 @@ _PLAIN = {"scale_search": "none", "scale_timing": "sweep", "act_order": False, "
           "true_sequential": False, "shrink": 0.0}
 GPTQ_VARIANTS = {
     "gptq": {},  # calibrate()'s defaults: upfront scales, MSE search, act-order, shrink 0.5; asymmetric 0.5
-    # (nvfp4a16) / 0.25 (nvfp4); for nvfp4a16 also true sequential
+    # (nvfp4a16) / 0.25 (nvfp4); for nvfp4a16 also true sequential, for nvfp4 channel smoothing (alpha 0.7)
     "gptq-asym0": {"asymmetric": 0.0},  # the defaults without the asymmetric target
     "gptq-6": _PLAIN,
     "gptq-46": {**_PLAIN, "scale_search": "four_over_six"},
@@ -74,6 +74,8 @@ GPTQ_VARIANTS = {
     "gptq-defaults-all-at-once": {"sequential": False},  # every layer sees the unquantized model's activations
     "gptq-refit1": {"refit_rounds": 1},  # the defaults plus a refit of the block scales
     "gptq-refit2": {"refit_rounds": 2},
+    "gptq-smooth0": {"smooth": 0.0},  # the defaults without channel smoothing (on for nvfp4)
+    "gptq-smooth0.5": {"smooth": 0.5},
 }
 
 
