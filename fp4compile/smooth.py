@@ -137,7 +137,7 @@ def smooth(model: nn.Module, linears: dict[str, nn.Linear], runs: list[Callable[
     if not pairs:
         return report
     modules = dict(model.named_modules())
-    x_amax = _input_amax(model, {n: linears[n] for names in pairs.values() for n in names}, runs)
+    x_amax = _input_amax(model, {names[0]: linears[names[0]] for names in pairs.values()}, runs)  # one input each
     before = _first_tensor(runs[0]()).clone()
     if not torch.equal(before, _first_tensor(runs[0]())):
         report.skipped.update({n: "the model's output differs between two runs of one sample, so the folds cannot "
