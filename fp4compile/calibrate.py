@@ -4,8 +4,8 @@ Sequential by default: the model's repeated blocks (an ``nn.ModuleList`` of one 
 ``model.model.layers``) are calibrated one after another, each on the outputs of the already-quantized blocks
 before it; with ``true_sequential``, a block's linears are also quantized group by group (q/k/v, o, gate/up, down),
 each group on the outputs of the already-quantized groups before it. A model without such blocks is calibrated all
-at once. For ``nvfp4``, channel smoothing (``smooth``) first moves activation outliers into the weights, leaving the
-model's function exactly as it was.
+at once. For ``nvfp4``, channel smoothing (``smooth``) first moves activation outliers into the weights, keeping the
+model's function (up to fp32 rounding).
 """
 
 import contextlib
@@ -36,8 +36,8 @@ TRUE_SEQUENTIAL_DEFAULT = {"nvfp4a16": True, "nvfp4": False}
 # evaluation texts; 0.8 helped the distant text more and the near one less.
 SHRINK_DEFAULT = {"nvfp4a16": 0.5, "nvfp4": 0.5}
 # calibrate()'s ``smooth`` per scheme (tools/QUALITY.md): for nvfp4, alpha 0.7 cut the perplexity gap on both
-# evaluation texts (0.61 / 0.47 -> 0.55 / 0.40), 0.5 only on one (0.61 / 0.41); nvfp4a16 quantizes no activation,
-# and smoothing would only make its weights harder.
+# evaluation texts (0.61 / 0.47 -> 0.50 / 0.40), 0.5 less on the distant one (0.55 / 0.39); for nvfp4a16 smoothing
+# helps round-to-nearest but not GPTQ (0.35 / 0.28 -> 0.39 / 0.28 at alpha 0.7).
 SMOOTH_DEFAULT = {"nvfp4a16": 0.0, "nvfp4": 0.7}
 
 
@@ -459,10 +459,11 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         windows does, better with one seed and worse with another for nvfp4a16 (tools/QUALITY.md).
     smooth: alpha of the channel smoothing done before anything else (``smooth.smooth``): each normalization
         whose output feeds only quantized linears (a Llama block's two RMSNorms) and those linears' weights take
-        power-of-two per-channel factors that leave the model's function exactly as it was, moving activation
-        outliers into the weights. 0 turns it off. None: ``SMOOTH_DEFAULT[scheme]`` (0.7 for "nvfp4", where it
-        cut the perplexity gap on both evaluation texts; off for "nvfp4a16"). The model keeps the changed
-        normalization weights, which checkpoints save with the rest.
+        per-channel factors that keep the model's function (up to fp32 rounding; powers of two, bit for bit, in
+        lower precision), moving activation outliers into the weights. 0 turns it off. None:
+        ``SMOOTH_DEFAULT[scheme]`` (0.7 for "nvfp4", where it cut the perplexity gap on both evaluation texts; off
+        for "nvfp4a16", where GPTQ did better without it). The model keeps the changed normalization weights,
+        which checkpoints save with the rest.
     skip: fnmatch patterns of module names (full or last component) left in high precision.
     Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
     """

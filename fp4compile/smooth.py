@@ -6,9 +6,11 @@ and column ``j`` of each of those linears' weights multiplied by it computes the
 Xiao et al. 2023). With ``s_j = amax(x_j)**alpha / amax(W[:, j])**(1 - alpha)``, channels whose activations run
 large hand part of their range to the weights, and the activation's 16-element NVFP4 blocks lose less to one outlier.
 
-Each factor is rounded to a power of two, so both sides of the fold are exact in floating point: the smoothed
-model computes the same numbers as before, bit for bit. ``smooth`` checks exactly that on one sample of the data
-and undoes every fold if the output changed (a normalization output that also feeds something else).
+In an fp32 model the factors are used as they are, and the smoothed model computes the same function up to fp32
+rounding. In a lower-precision model each factor is rounded to a power of two, so that both sides of the fold are
+exact and the model computes the same numbers, bit for bit; rounding costs some of the gain (tools/QUALITY.md).
+``smooth`` checks the model's output on one sample of the data (equal up to rounding, or bit for bit) and undoes every
+fold if it changed (a normalization output that also feeds something else).
 """
 
 from collections.abc import Callable, Iterable
@@ -19,6 +21,8 @@ from torch import nn
 
 MIN_FACTOR_LOG2 = -20  # factors are clamped to 2**-20 .. 2**20
 MAX_FACTOR_LOG2 = 20
+AMAX_SAMPLES = 16  # samples the activation amax comes from (16 of 64 windows did better: tools/QUALITY.md)
+FP32_TOLERANCE = 1e-4  # unrounded folds: largest output change allowed, relative to the output's largest magnitude
 
 
 @dataclass
@@ -26,6 +30,7 @@ class SmoothReport:
     """What :func:`smooth` did: the normalizations folded (name -> the linears after it) and those left alone."""
 
     alpha: float
+    power_of_two: bool = True  # whether the factors were rounded to powers of two (not every parameter fp32)
     folded: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # normalization name -> why
 
@@ -69,15 +74,18 @@ def _pairs(model: nn.Module, linears: dict[str, nn.Linear], run: Callable[[], ob
                 pairs.setdefault(norm, []).append(name)
         return hook
 
-    handles = [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
-    handles += [m.register_forward_pre_hook(linear_hook(n)) for n, m in linears.items()]
+    _with_hooks(run, [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
+                + [m.register_forward_pre_hook(linear_hook(n)) for n, m in linears.items()])
+    skipped = {n: "its output is not the input of a quantized linear" for n in norms if n not in pairs}
+    return pairs, skipped
+
+
+def _with_hooks(run: Callable[[], object], handles: list) -> None:
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    skipped = {n: "its output is not the input of a quantized linear" for n in norms if n not in pairs}
-    return pairs, skipped
 
 
 def _input_amax(model: nn.Module, linears: dict[str, nn.Linear], runs: Iterable[Callable[[], object]]
@@ -91,28 +99,27 @@ def _input_amax(model: nn.Module, linears: dict[str, nn.Linear], runs: Iterable[
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
+    def run_all():
         for run in runs:
             run()
-    finally:
-        for h in handles:
-            h.remove()
+
+    _with_hooks(run_all, [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()])
     return amax
 
 
-def factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-channel factors ``x_amax**alpha / w_amax**(1 - alpha)``, rounded to powers of two (channels that are
-    zero on either side get 1)."""
+def factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float, power_of_two: bool) -> torch.Tensor:
+    """Per-channel factors ``x_amax**alpha / w_amax**(1 - alpha)``, clamped to 2**-20 .. 2**20 and, with
+    ``power_of_two``, rounded to powers of two (channels that are zero on either side get 1)."""
     live = (x_amax > 0) & (w_amax > 0)
     log2 = alpha * torch.log2(x_amax.clamp_min(1e-30)) - (1 - alpha) * torch.log2(w_amax.clamp_min(1e-30))
-    log2 = torch.where(live, log2.round(), torch.zeros_like(log2)).clamp(MIN_FACTOR_LOG2, MAX_FACTOR_LOG2)
+    log2 = log2.round() if power_of_two else log2
+    log2 = torch.where(live, log2, torch.zeros_like(log2)).clamp(MIN_FACTOR_LOG2, MAX_FACTOR_LOG2)
     return torch.exp2(log2)
 
 
-def _fold(norm: nn.Module, lins: list[nn.Linear], s: torch.Tensor, inverse: bool = False) -> None:
-    if inverse:
-        s = 1 / s  # exact: a power of two
+def _fold(norm: nn.Module, lins: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide the normalization's weight (and bias) by ``s`` and multiply the linears' columns by it; ``1 / s``
+    undoes it (exactly for powers of two, up to rounding otherwise)."""
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
@@ -120,14 +127,22 @@ def _fold(norm: nn.Module, lins: list[nn.Linear], s: torch.Tensor, inverse: bool
         lin.weight.mul_(s.to(lin.weight.dtype))
 
 
+def _unchanged(before: torch.Tensor, after: torch.Tensor, exact: bool) -> bool:
+    if exact:
+        return torch.equal(before, after)
+    scale = before.float().abs().max().clamp_min(1e-30)
+    return bool((after.float() - before.float()).abs().max() <= FP32_TOLERANCE * scale)
+
+
 @torch.no_grad()
 def smooth(model: nn.Module, linears: dict[str, nn.Linear], runs: list[Callable[[], object]], alpha: float
            ) -> SmoothReport:
-    """Fold power-of-two channel factors into each normalization that feeds only some of ``linears`` and into
-    those linears' weights, in place. ``runs`` are calls of the model on calibration samples (the first one also
-    finds the pairs and checks the result). If the model's output on the first sample is not bit-identical after
-    the folds, they are all undone and the report says so; nothing is folded if that output is not the same from
-    one run to the next."""
+    """Fold channel factors into each normalization that feeds only some of ``linears`` and into those linears'
+    weights, in place. ``runs`` are calls of the model on calibration samples: the first finds the pairs and checks
+    the result, the first ``AMAX_SAMPLES`` give the activations' amax. Factors are exact powers of two unless every
+    folded parameter is fp32. If the model's output on the first sample changed (beyond fp32 rounding, or at all
+    with powers of two), every fold is undone (exactly for powers of two, up to fp32 rounding otherwise) and the
+    report says so; nothing is folded if that output is not the same from one run to the next."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     report = SmoothReport(alpha)
@@ -137,27 +152,30 @@ def smooth(model: nn.Module, linears: dict[str, nn.Linear], runs: list[Callable[
     if not pairs:
         return report
     modules = dict(model.named_modules())
-    x_amax = _input_amax(model, {names[0]: linears[names[0]] for names in pairs.values()}, runs)  # one input each
+    first_linears = {names[0]: linears[names[0]] for names in pairs.values()}  # the linears of a norm share one input
+    x_amax = _input_amax(model, first_linears, runs[:AMAX_SAMPLES])
     before = _first_tensor(runs[0]()).clone()
     if not torch.equal(before, _first_tensor(runs[0]())):
         report.skipped.update({n: "the model's output differs between two runs of one sample, so the folds cannot "
                                   "be checked; nothing was smoothed" for n in pairs})
         return report
+    report.power_of_two = any(p.dtype != torch.float32 for norm_name, names in pairs.items()
+                              for p in (modules[norm_name].weight, *(linears[n].weight for n in names)))
     folds = []
     for norm_name, names in pairs.items():
         lins = [linears[n] for n in names]
         w_amax = torch.stack([lin.weight.detach().abs().amax(0).float() for lin in lins]).amax(0)
-        s = factors(x_amax[names[0]], w_amax, alpha)
+        s = factors(x_amax[names[0]], w_amax, alpha, report.power_of_two)
         _fold(modules[norm_name], lins, s)
         folds.append((modules[norm_name], lins, s))
         report.folded[norm_name] = names
     after = _first_tensor(runs[0]())
-    if not torch.equal(before, after):
+    if not _unchanged(before, after, report.power_of_two):
         for norm, lins, s in folds:
-            _fold(norm, lins, s, inverse=True)
+            _fold(norm, lins, 1 / s)
         changed = (after.float() - before.float()).abs().max().item()
         reason = (f"the folds changed the model's output (by up to {changed:.3g}): a normalization's output also "
-                  "feeds something other than its linears; nothing was smoothed")
+                  "feeds something other than its linears; undone")
         report.skipped.update({n: reason for n in report.folded})
         report.folded = {}
     return report

@@ -76,6 +76,7 @@ GPTQ_VARIANTS = {
     "gptq-refit2": {"refit_rounds": 2},
     "gptq-smooth0": {"smooth": 0.0},  # the defaults without channel smoothing (on for nvfp4)
     "gptq-smooth0.5": {"smooth": 0.5},
+    "gptq-smooth0.7": {"smooth": 0.7},
 }
 
 
