@@ -21,7 +21,7 @@ from . import format as nvfp4
 from . import gptq as G
 from .modules import NVFP4Linear, matches_skip
 from .ops import SCHEMES
-from .smooth import SmoothReport, smooth as smooth_channels
+from .smooth import SmoothReport, check_alpha, smooth as smooth_channels
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -475,8 +475,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     if static_activation_scale and scheme != "nvfp4":
         raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
     alpha = SMOOTH_DEFAULT[scheme] if smooth is None else smooth
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"smooth must be in [0, 1], got {smooth}")
+    check_alpha(alpha, "smooth")
     t0 = time.perf_counter()
     s = _Settings(scheme, G.nvfp4_format(scale_search), percdamp, blocksize, act_order,
                   scale_timing, static_activation_scale,

@@ -107,6 +107,12 @@ def _input_amax(model: nn.Module, linears: dict[str, nn.Linear], runs: Iterable[
     return amax
 
 
+def check_alpha(alpha: float, name: str = "alpha") -> None:
+    """Raise ValueError unless the smoothing strength ``alpha`` (given as ``name``) is in [0, 1]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {alpha}")
+
+
 def factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float, power_of_two: bool) -> torch.Tensor:
     """Per-channel factors ``x_amax**alpha / w_amax**(1 - alpha)``, clamped to 2**-20 .. 2**20 and, with
     ``power_of_two``, rounded to powers of two (channels that are zero on either side get 1)."""
@@ -143,8 +149,7 @@ def smooth(model: nn.Module, linears: dict[str, nn.Linear], runs: list[Callable[
     folded parameter is fp32. If the model's output on the first sample changed (beyond fp32 rounding, or at all
     with powers of two), every fold is undone (exactly for powers of two, up to fp32 rounding otherwise) and the
     report says so; nothing is folded if that output is not the same from one run to the next."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_alpha(alpha)
     report = SmoothReport(alpha)
     if not runs:
         return report
