@@ -160,8 +160,7 @@ def test_group_with_and_without_bias_runs_weight_by_weight():
 
 @pytest.mark.parametrize("m", (1, 20))
 def test_awkward_activations(m):
-    """Zeros, tiny and huge activations, exact ties of the bf16 grid, and blocks on both sides of the powers of
-    two where the GEMV's per-block activation scaling (``_scaled_activation``) stops moving with the block."""
+    """Zeros, tiny and huge activations, exact ties of the bf16 grid, and blocks near 2**63 and 2**-66."""
     x = torch.randn(m, 96) * 4
     x[0, :16] = 0.0
     x[:, 16:32] = 1e-30
@@ -170,6 +169,17 @@ def test_awkward_activations(m):
     x[:, 64:80] *= 2.0**63
     x[:, 80:96] *= 2.0**-66
     run_case("a16", m, 32, 96, torch.bfloat16, True, x=x.bfloat16().to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", (pytest.param(torch.bfloat16, marks=gpu_only), torch.float16),
+                         ids=("bfloat16", "float16"))
+def test_gemv_subnormal_activations(dtype):
+    """A row of subnormal activations (and the smallest normals): the GEMV's products are fp32 subnormals, exact
+    only if nothing flushes them to zero; the whole output is that small, so the check would see a flush. bf16 runs
+    on the GPU only: Triton's CPU interpreter itself widens bf16 subnormals to zero."""
+    tiny = torch.finfo(dtype).tiny
+    x = torch.randn(1, 64) * tiny * torch.tensor([0.01, 0.1, 1.0, 3.0]).repeat_interleave(16)
+    run_case("a16", 1, 32, 64, dtype, False, x=x.to(dtype).to(DEVICE), cast=False)
 
 
 @gpu_only

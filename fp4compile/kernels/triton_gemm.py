@@ -10,8 +10,9 @@ fp16 and bf16 and the tensor-core products are exact in fp32; the global scales 
 
 Dequantization is integer bit moves: a nibble ``s e1 e0 m`` moved into a float's sign, lowest exponent bits and
 highest mantissa bit is the e2m1 value times a power of two, subnormals included (fp16: 2**-14; bf16: 2**-126,
-then one exact bf16 multiply by the scale times 2**119; fp32 for the GEMV: 2**-126, with the activation scaled up
-to match, see ``_gemv_kernel``). ``alpha`` carries any power of two left back. On sm_89+ GPUs the bit moves run
+then one exact bf16 multiply by the scale times 2**119). The GEMV's fp32 values go through e4m3 instead: a
+nibble placed in a byte is an e4m3 value (e2m1 * 2**-6), which the native conversion widens, see
+``_word_to_f32_ptx``. ``alpha`` carries any power of two left back. On sm_89+ GPUs the bit moves run
 as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable
 Triton version.
 
@@ -83,27 +84,34 @@ def _e2m1_pair_to_f16(p, PTX: tl.constexpr):
 
 
 def _word_to_f32_ptx() -> str:
-    """Inline PTX: one 32-bit word of 8 packed nibbles -> their e2m1 values times 2**-126 as fp32, $0..$7 in
-    element order. A shift left puts nibble j at the top of the register (its sign at bit 31); an arithmetic shift
-    right by 6 moves ``e1 e0 m`` to bits 24..22 (the exponent's two lowest bits, the mantissa's highest) and
-    copies the sign over bits 30..25, which the mask clears. Three integer instructions per element, no
-    conversion and no multiply: the float is the value times 2**-126 (a subnormal when e1 e0 = 0), and the
-    GEMV scales its activation up instead (``_gemv_kernel``)."""
-    lines = ["{", ".reg .b32 t;"]
-    for j in range(8):
-        top = f"shl.b32 t, $8, {28 - 4 * j}; shr.s32 t, t, 6;" if j < 7 else "shr.s32 t, $8, 6;"
-        lines.append(f"{top} and.b32 ${j}, t, 0x81C00000;")
-    lines.append("}")
-    return "\n".join(lines)
+    """Inline PTX: one 32-bit word of 8 packed nibbles -> their e2m1 values times 2**-6 as fp32, $0..$7 in element
+    order, with 7 integer instructions per word instead of 3 per element.
+
+    A nibble ``s e1 e0 m`` placed in a byte as ``s 0 0 e1 e0 m 0 0`` is an e4m3 value: its exponent field is
+    ``e1 e0`` and its mantissa ``m 0 0``, so the byte is the e2m1 value times 2**-6 (bias 7 against 1), subnormals
+    included. One shift and one ``lop3`` (with the signs masked first) build those bytes for the four high nibbles
+    of the word at once, two shifts and a ``lop3`` more for the four low ones; the native conversion turns each
+    pair of bytes into an fp16 pair (exact), and each fp16 into an fp32 (exact)."""
+    return """{
+.reg .b32 s, t, h, l, p<4>;
+.reg .b16 b<4>, q<8>;
+and.b32 s, $8, 0x80808080; shr.b32 t, $8, 2; lop3.b32 h, t, 0x1C1C1C1C, s, 0xEA;
+shl.b32 s, $8, 4; and.b32 s, s, 0x80808080; shl.b32 t, $8, 2; lop3.b32 l, t, 0x1C1C1C1C, s, 0xEA;
+mov.b32 {b0, b1}, l; mov.b32 {b2, b3}, h;
+cvt.rn.f16x2.e4m3x2 p0, b0; cvt.rn.f16x2.e4m3x2 p1, b1; cvt.rn.f16x2.e4m3x2 p2, b2; cvt.rn.f16x2.e4m3x2 p3, b3;
+mov.b32 {q0, q1}, p0; mov.b32 {q2, q3}, p1; mov.b32 {q4, q5}, p2; mov.b32 {q6, q7}, p3;
+cvt.f32.f16 $0, q0; cvt.f32.f16 $2, q1; cvt.f32.f16 $4, q2; cvt.f32.f16 $6, q3;
+cvt.f32.f16 $1, q4; cvt.f32.f16 $3, q5; cvt.f32.f16 $5, q6; cvt.f32.f16 $7, q7;
+}"""
 
 
 _WORD_TO_F32_PTX = tl.constexpr(_word_to_f32_ptx())
-_TINY = tl.constexpr(2.0**-126)  # what _e2m1_word_to_f32 leaves on each value
+_TINY = tl.constexpr(2.0**-6)  # what _e2m1_word_to_f32 leaves on each value
 
 
 @triton.jit
 def _e2m1_word_to_f32(word, PTX: tl.constexpr):
-    """uint32 words of 8 packed e2m1 nibbles (element j in bits 4j..4j+3) -> fp32 values times 2**-126, one
+    """uint32 words of 8 packed e2m1 nibbles (element j in bits 4j..4j+3) -> fp32 values times 2**-6, one
     more dimension of 8 in element order."""
     if PTX:
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
@@ -363,24 +371,7 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_
     return p, s, a, a_s
 
 
-_UNTINY = tl.constexpr(2.0**126)
-_A_FP4_SHIFT = tl.constexpr(2.0**63)  # an NVFP4 activation times this makes exact products with 2**-126 weights
-
-
-@triton.jit
-def _scaled_activation(a, G: tl.constexpr):
-    """fp32 activation values [W, 8] (G blocks of 16) -> (the values times 2**u_b, [W, 8]; 2**(126 - u_b) per block,
-    [G]), u_b = clamp(63 - e_b, -1, 127) for e_b the exponent of the block's largest magnitude.
-
-    Both powers are fp32 normals. A block's largest value lands in [2**63, 2**64) unless its exponent is below
-    -64 (then u_b = 127) or above 64 (u_b = -1); either way no product with a weight value (times 2**-126) is
-    below 2**-126 for elements within 2**62 of the block's largest, and none overflows."""
-    blocks = tl.reshape(a, (G, 16))
-    biased = tl.max(tl.abs(blocks), axis=1).to(tl.uint32, bitcast=True) >> 23  # NaN and inf: 255
-    u = tl.minimum(tl.maximum(190 - biased.to(tl.int32), -1), 127)
-    up = ((u + 127) << 23).to(tl.float32, bitcast=True)
-    back = ((253 - u) << 23).to(tl.float32, bitcast=True)
-    return tl.reshape(blocks * up[:, None], a.shape), back
+_UNPACK_SHIFT = tl.constexpr(2.0**6)  # what alpha takes back for each operand unpacked by _e2m1_word_to_f32
 
 
 @triton.jit
@@ -399,18 +390,18 @@ def _gemv_kernel(
     A decode GEMV has to keep weight bytes in flight and spend few instructions per weight element. Each K
     step loads the tiles of the next step (``_gemv_loads``) before computing on its own, so a program always
     has a load outstanding. The weight is read as 32-bit words of 8 elements, unpacked by
-    ``_e2m1_word_to_f32`` (3 integer instructions per element) into fp32 values that are the e2m1 values times
-    2**-126, and multiplied with the activation's fp32 values, which every weight row of the program shares.
-    Two words make a 16-element block: its products are summed first and its scale applied once; the per-block
-    partial sums stay in a [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N
-    (the store is masked). A group of GEMMs runs as one launch: each program reads the member its rows belong to.
+    ``_e2m1_word_to_f32`` (under one integer instruction per element, then the native e4m3 and fp16
+    conversions) into fp32 values that are the e2m1 values times 2**-6, and multiplied with the activation's
+    fp32 values, which every weight row of the program shares. Two words make a 16-element block: its products
+    are summed first and its scale applied once; the per-block partial sums stay in a [BLOCK_N, G] accumulator,
+    reduced across G once at the end. Weight rows wrap modulo N (the store is masked). A group of GEMMs runs as
+    one launch: each program reads the member its rows belong to.
 
-    The 2**-126 is made up on the activation side, where one value serves every row of the program, so that the
-    weight costs no multiply: each product of a weight value (at least 2**-127) and a scaled activation must be
-    an fp32 normal, exact, as the unscaled product would be. ``_scaled_activation`` scales each 16-element block
-    of a bf16/fp16 activation by a power of two that puts its largest magnitude in [2**63, 2**64) (where that
-    power is representable) and returns the factor that takes the block's sums back; an NVFP4 activation
-    (``e2m1 * S_a`` between 2**-10 and 2688) is scaled by 2**63, and alpha takes that back.
+    Every product is exact in fp32, subnormal ones included: a weight value has 2 significant bits and its
+    lowest is at least 2**-7, a bf16/fp16 activation value has at most 8 (11) and its lowest is at least
+    2**-133, so each product fits 10 (13) bits no finer than 2**-140, within fp32's 2**-149. An NVFP4
+    activation is unpacked like the weight and multiplied by its block scale (``e2m1 * 2**-6 * S_a``, exact);
+    alpha takes each 2**-6 back.
     """
     G: tl.constexpr = BLOCK_K // 16
     member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
@@ -427,19 +418,16 @@ def _gemv_kernel(
         p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_wn,
                                    stride_wsn, A_FP4, BLOCK_K)
         if A_FP4:
-            a_scales = _e4m3_to_f16(a_s_step, PTX).to(tl.float32) * _A_FP4_SHIFT
-            a_values = (_e2m1_word_to_f32(a_step, PTX) * _UNTINY) * a_scales[:, None]
+            a_values = _e2m1_word_to_f32(a_step, PTX) * _e4m3_to_f16(a_s_step, PTX).to(tl.float32)[:, None]
         else:
-            a_values, back = _scaled_activation(a_step, G)
+            a_values = a_step
         word_sums = tl.sum(_e2m1_word_to_f32(p_step, PTX) * a_values[None], axis=2)
         block_sums = tl.sum(tl.reshape(word_sums, (BLOCK_N, G, 2)), axis=2)
-        if not A_FP4:
-            block_sums = block_sums * back[None, :]  # exact: the block's products summed, as if unscaled
         acc += block_sums * _e4m3_to_f16(s_step, PTX).to(tl.float32)
 
-    alpha = tl.load(_pick(member, w_pts_ptrs))
+    alpha = tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT
     if A_FP4:
-        alpha = alpha * tl.load(a_pts_ptr) * _A_FP4_SHIFT
+        alpha = alpha * tl.load(a_pts_ptr) * _UNPACK_SHIFT
     out = tl.sum(acc, axis=1) * alpha
     if bias_ptrs is not None:
         out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
