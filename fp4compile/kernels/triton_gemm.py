@@ -106,7 +106,8 @@ cvt.f32.f16 $1, q4; cvt.f32.f16 $3, q5; cvt.f32.f16 $5, q6; cvt.f32.f16 $7, q7;
 
 
 _WORD_TO_F32_PTX = tl.constexpr(_word_to_f32_ptx())
-_TINY = tl.constexpr(2.0**-6)  # what _e2m1_word_to_f32 leaves on each value
+_UNPACKED_SCALE = tl.constexpr(2.0**-6)  # what _e2m1_word_to_f32 leaves on each value
+_UNPACK_SHIFT = tl.constexpr(2.0**6)  # what alpha takes back for each operand unpacked by _e2m1_word_to_f32
 
 
 @triton.jit
@@ -122,11 +123,11 @@ def _e2m1_word_to_f32(word, PTX: tl.constexpr):
         v2, v3 = _e2m1_value((code >> 8) & 15), _e2m1_value((code >> 12) & 15)
         v4, v5 = _e2m1_value((code >> 16) & 15), _e2m1_value((code >> 20) & 15)
         v6, v7 = _e2m1_value((code >> 24) & 15), _e2m1_value((code >> 28) & 15)
-        v0, v1, v2, v3 = v0 * _TINY, v1 * _TINY, v2 * _TINY, v3 * _TINY
-        v4, v5, v6, v7 = v4 * _TINY, v5 * _TINY, v6 * _TINY, v7 * _TINY
     # tl.join stacks along a new last dimension, so after three nested joins position 4i + 2k + l holds the
     # i-th argument of an innermost join, inside the k-th middle one, inside the l-th outer one: element 4i + 2k + l.
     values = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    if not PTX:
+        values = values * _UNPACKED_SCALE
     return tl.reshape(values, word.shape + (8,))
 
 
@@ -369,9 +370,6 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_
                     other=0.0).to(tl.float32)
         a_s = s  # no activation scales; the kernel does not read this
     return p, s, a, a_s
-
-
-_UNPACK_SHIFT = tl.constexpr(2.0**6)  # what alpha takes back for each operand unpacked by _e2m1_word_to_f32
 
 
 @triton.jit
