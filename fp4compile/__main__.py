@@ -120,6 +120,24 @@ def text_windows(loaded: Loaded, path: str, seq_len: int, limit: int | None) -> 
     return [torch.tensor(ids[i * seq_len:(i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
 
 
+@torch.no_grad()
+def generated_windows(model: torch.nn.Module, start_token: int, seq_len: int, count: int, seed: int = 0,
+                      batch: int = 16, progress: bool = False) -> torch.Tensor:
+    """``[count, seq_len]`` tokens that ``model`` (a transformers causal LM) samples itself from ``start_token``
+    (top-p 0.95; seeded, without touching the global random state): calibration text from no corpus at all. Half
+    text, half the model's own text calibrated nvfp4 better than either alone (tools/QUALITY.md)."""
+    device = next(model.parameters()).device
+    rows = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for n in tqdm(range(0, count, batch), desc="sampling calibration text", unit="batch", disable=not progress):
+            start = torch.full((min(batch, count - n), 1), start_token, device=device)
+            rows.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95,
+                                       top_k=0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                       pad_token_id=start_token))
+    return torch.cat(rows)
+
+
 def compiled(model: torch.nn.Module, scheme: str, options: dict | None = None):
     """``model`` under ``torch.compile(backend="fp4")``, or as it is for scheme "none"."""
     if scheme == "none":
@@ -211,6 +229,10 @@ def cmd_calibrate(args, loaded: Loaded) -> dict:
     from .checkpoint import save
 
     windows = text_windows(loaded, args.data, args.seq_len, args.samples)
+    if args.generated:
+        start = windows[0][0, 0].item()
+        windows += list(generated_windows(loaded.model, start, args.seq_len, args.generated, progress=True).cpu()
+                        .split(1))
     device = next(loaded.model.parameters()).device
     report = calibrate(loaded.model, [w.to(device) for w in windows], scheme=args.scheme,
                        static_activation_scale=args.static_activation_scale)
@@ -221,7 +243,8 @@ def cmd_calibrate(args, loaded: Loaded) -> dict:
         loaded.model.config.save_pretrained(out)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out)
-    return {"layers": len(report.layers), "skipped": len(report.skipped), "rtn_error": report.rtn_error,
+    return {"layers": len(report.layers), "skipped": len(report.skipped), "samples": len(windows),
+            "rtn_error": report.rtn_error,
             "gptq_error": report.gptq_error, "seconds": report.seconds, "out": str(out), "format": args.format}
 
 
@@ -269,7 +292,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="checkpoint directory to write")
     c.add_argument("--scheme", choices=SCHEMES[:2], default="nvfp4")
     c.add_argument("--format", choices=("fp4compile", "compressed-tensors"), default="fp4compile")
-    c.add_argument("--samples", type=int, default=64, help="calibration windows")
+    c.add_argument("--samples", type=int, default=64, help="calibration windows of --data")
+    c.add_argument("--generated", type=int, default=0,
+                   help="and this many windows the model samples itself, from the first token of --data")
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--static-activation-scale", action="store_true", help="record calibrated activation scales")
     e = sub.add_parser("eval", parents=[common], help="perplexity on a text file")

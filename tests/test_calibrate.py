@@ -408,25 +408,6 @@ def test_smollm2_two_blocks_calibrate_and_stay_close():
     assert rel_err(out, ref) < 0.05
 
 
-def test_generated_calibration_windows_are_seeded_samples_of_the_model():
-    """eval_quality's "generated" calibration text: ``count`` rows of ``seq_len`` tokens sampled by the model from its
-    first token, the same for the same seed."""
-    import types
-
-    transformers = pytest.importorskip("transformers")
-    eval_quality = _eval_quality()
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                      num_key_value_heads=1, num_hidden_layers=1, vocab_size=50, bos_token_id=1,
-                                      eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    tok = types.SimpleNamespace(bos_token_id=1, pad_token_id=2)
-    rows = eval_quality.generated_windows(model, tok, seq_len=12, count=5, batch=2)
-    assert rows.shape == (5, 12) and (rows[:, 0] == 1).all()
-    assert torch.equal(rows, eval_quality.generated_windows(model, tok, seq_len=12, count=5, batch=2))
-    assert not torch.equal(rows, eval_quality.generated_windows(model, tok, seq_len=12, count=5, batch=2, seed=1))
-
-
 def test_eval_quality_variants_name_calibrate_arguments():
     """Every GPTQ variant of tools/eval_quality.py passes only arguments ``calibrate`` takes, so none fails after its
     model has loaded."""

@@ -215,6 +215,32 @@ def test_cli_calibrate_save_and_eval(tmp_path, fmt):
     assert evaluated["perplexity"] != demo["perplexity"]
 
 
+def test_generated_windows_are_seeded_samples_of_the_model():
+    """Calibration text the model samples itself: ``count`` rows of ``seq_len`` tokens from the start token, the same
+    for the same seed, and the global random state left as it was."""
+    from fp4compile.__main__ import generated_windows
+
+    model = make("llama")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    rows = generated_windows(model, 0, seq_len=12, count=5, batch=2)
+    assert rows.shape == (5, 12) and (rows[:, 0] == 0).all()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(rows, generated_windows(model, 0, seq_len=12, count=5, batch=2))
+    assert not torch.equal(rows, generated_windows(model, 0, seq_len=12, count=5, batch=2, seed=1))
+
+
+def test_cli_calibrate_on_text_and_sampled_text(tmp_path):
+    """``--generated`` adds windows the model samples itself to those of the text file."""
+    from fp4compile.__main__ import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 4)
+    summary = main(["calibrate", "--data", str(text), "--out", str(tmp_path / "ckpt"), "--samples", "1",
+                    "--generated", "2", "--seq-len", "32", "--scheme", "nvfp4"])
+    assert summary["samples"] == 3 and summary["layers"] == 14
+
+
 # ------------------------------------------------------------------------------------------ a real model
 
 

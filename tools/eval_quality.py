@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile import gptq as G  # noqa: E402
+from fp4compile.__main__ import generated_windows  # noqa: E402
 from fp4compile.calibrate import calibrate, eligible_linears  # noqa: E402
 from fp4compile.modules import NVFP4Linear  # noqa: E402
 
@@ -77,6 +78,7 @@ GPTQ_VARIANTS = {
     "gptq-smooth0": {"smooth": 0.0},  # the defaults without channel smoothing (on for nvfp4)
     "gptq-smooth0.5": {"smooth": 0.5},
     "gptq-smooth0.7": {"smooth": 0.7},
+    "gptq-smooth0.85": {"smooth": 0.85},
 }
 
 
@@ -140,20 +142,6 @@ def windows(tok, text: str, seq_len: int, count: int) -> torch.Tensor:
     if ids.numel() < count * seq_len:
         raise SystemExit(f"text has {ids.numel()} tokens, fewer than the {count * seq_len} asked for")
     return ids[: count * seq_len].view(count, seq_len)
-
-
-@torch.no_grad()
-def generated_windows(model: nn.Module, tok, seq_len: int, count: int, seed: int = 0, batch: int = 16) -> torch.Tensor:
-    """``count`` sequences of ``seq_len`` tokens that ``model`` samples itself from its first token (top-p 0.95,
-    seeded): calibration text from no corpus at all."""
-    torch.manual_seed(seed)
-    rows = []
-    for n in range(0, count, batch):
-        start = torch.full((min(batch, count - n), 1), tok.bos_token_id)
-        rows.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95,
-                                   top_k=0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                                   pad_token_id=tok.pad_token_id))
-    return torch.cat(rows)
 
 
 def calibration_windows(tok, name: str, seq_len: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -249,7 +237,8 @@ def main() -> None:
     evals = {t: windows(tok, load_text(t), args.seq_len, args.eval_tokens // args.seq_len) for t in eval_texts}
     shares = [args.calib_samples // len(calib_texts) + (i < args.calib_samples % len(calib_texts))
               for i in range(len(calib_texts))]
-    calib = torch.cat([generated_windows(model, tok, args.seq_len, n, args.seed) if name == "generated" else
+    calib = torch.cat([generated_windows(model, tok.bos_token_id, args.seq_len, n, args.seed, progress=True)
+                       if name == "generated" else
                        calibration_windows(tok, name, args.seq_len, n, args.seed)
                        for name, n in zip(calib_texts, shares)])
     print(f"eval: {args.eval_text}, {args.eval_tokens} tokens each; calibration: {args.calib_text} "
