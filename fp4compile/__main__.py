@@ -244,8 +244,8 @@ def cmd_calibrate(args, loaded: Loaded) -> dict:
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out)
     return {"layers": len(report.layers), "skipped": len(report.skipped), "samples": len(windows),
-            "rtn_error": report.rtn_error,
-            "gptq_error": report.gptq_error, "seconds": report.seconds, "out": str(out), "format": args.format}
+            "rtn_error": report.rtn_error, "gptq_error": report.gptq_error, "seconds": report.seconds, "out": str(out),
+            "format": args.format}
 
 
 def cmd_eval(args, loaded: Loaded) -> dict:
