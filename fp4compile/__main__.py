@@ -1,6 +1,7 @@
 """Command line: calibrate, evaluate and benchmark a causal language model in NVFP4.
 
     python -m fp4compile calibrate [MODEL] --data calib.txt --out ckpt/ [--scheme nvfp4a16] [--format fp4compile]
+                                   [--samples 32 --generated 32]
     python -m fp4compile eval [MODEL] --data test.txt [--scheme nvfp4|nvfp4a16|none]
     python -m fp4compile bench [MODEL] [--scheme nvfp4|nvfp4a16|none] [--batch 1] [--prompt-len 128] [--new-tokens 64]
 
