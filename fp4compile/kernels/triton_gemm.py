@@ -373,6 +373,18 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_
 
 
 @triton.jit
+def _gemv_step(acc, p, s, a, a_s, A_FP4: tl.constexpr, PTX: tl.constexpr):
+    """``acc`` [BLOCK_N, G] plus one K step of ``_gemv_kernel``: weight words ``p`` [BLOCK_N, W] with block scales
+    ``s`` [BLOCK_N, G] (W = 2G) times the activation ``a``, ``a_s`` of ``_gemv_loads``, each block's products summed
+    first and its scale applied once."""
+    if A_FP4:
+        a = _e2m1_word_to_f32(a, PTX) * _e4m3_to_f16(a_s, PTX).to(tl.float32)[:, None]
+    word_sums = tl.sum(_e2m1_word_to_f32(p, PTX) * a[None], axis=2)
+    block_sums = tl.sum(tl.reshape(word_sums, (acc.shape[0], acc.shape[1], 2)), axis=2)
+    return acc + block_sums * _e4m3_to_f16(s, PTX).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     # pointers (w_ptrs to out_ptrs: one per member of the group, see _member)
     a_ptr, a_scale_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
@@ -415,13 +427,7 @@ def _gemv_kernel(
         p_step, s_step, a_step, a_s_step = p, s, a, a_s
         p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_wn,
                                    stride_wsn, A_FP4, BLOCK_K)
-        if A_FP4:
-            a_values = _e2m1_word_to_f32(a_step, PTX) * _e4m3_to_f16(a_s_step, PTX).to(tl.float32)[:, None]
-        else:
-            a_values = a_step
-        word_sums = tl.sum(_e2m1_word_to_f32(p_step, PTX) * a_values[None], axis=2)
-        block_sums = tl.sum(tl.reshape(word_sums, (BLOCK_N, G, 2)), axis=2)
-        acc += block_sums * _e4m3_to_f16(s_step, PTX).to(tl.float32)
+        acc = _gemv_step(acc, p_step, s_step, a_step, a_s_step, A_FP4, PTX)
 
     alpha = tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT
     if A_FP4:
