@@ -24,9 +24,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .ops import SCHEMES
 
 try:
-    from fp4compile.passes import WEIGHT_CACHE, RewriteReport, rewrite_linears
+    from fp4compile.passes import WEIGHT_CACHE, RewriteReport, refresh_host_alphas, rewrite_linears
 except ImportError:  # a source checkout that was not pip-installed: passes/ sits beside fp4compile/
-    from passes import WEIGHT_CACHE, RewriteReport, rewrite_linears
+    from passes import WEIGHT_CACHE, RewriteReport, refresh_host_alphas, rewrite_linears
 
 log = logging.getLogger("fp4compile")
 
@@ -124,34 +124,57 @@ def _cpp_precision_casts():
         yield
 
 
+@contextlib.contextmanager
+def fp32_gemm_reductions():
+    """cuBLAS GEMMs with bf16/fp16 outputs reduce K splits in fp32 (torch allows the output type by default), as the
+    large-M plan's ``ops._mm_alpha`` needs for NVFP4's fp32 accumulation."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = before
+
+
 class CompiledGraph:
     """Inductor's compiled graph, plus a check that the weights it embeds are still the model's weights.
 
     A parameter replaced (``layer.weight = nn.Parameter(...)``) or changed in place (``weight.mul_(2)``) is
-    noticed at the next call and its packed constants are refreshed, so results are never stale.
+    noticed at the next call and its packed constants are refreshed, so results are never stale; when that changes
+    a per-tensor scale that the graph holds as a host float (``fp4.gemm_a16``'s ``alphas``), the graph is compiled
+    again. Calls run with cuBLAS's reduced-precision reductions off (``fp32_gemm_reductions``).
     """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs, options: BackendOptions):
-        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        self.fake_mode = torch._guards.detect_fake_mode(example_inputs)
         self.report, self.embedded = rewrite_linears(
-            gm, scheme=options.scheme, skip=options.skip, fake_mode=fake_mode, group=options.group
+            gm, scheme=options.scheme, skip=options.skip, fake_mode=self.fake_mode, group=options.group
         )
         log.info("%s", self.report)
         if options.report is not None:
             options.report.append(self.report)
+        self.gm, self.example_inputs, self.inductor = gm, example_inputs, options.inductor
+        self.compiled = self._compile()
+
+    def _compile(self):
         allow_real = (
-            unittest.mock.patch.object(fake_mode, "allow_non_fake_inputs", True)
-            if fake_mode is not None
+            unittest.mock.patch.object(self.fake_mode, "allow_non_fake_inputs", True)
+            if self.fake_mode is not None
             else contextlib.nullcontext()
         )
         with allow_real, _cpp_precision_casts():
-            self.compiled = compile_fx(gm, example_inputs, config_patches=options.inductor)
+            return compile_fx(self.gm, self.example_inputs, config_patches=self.inductor)
 
     def __call__(self, *args):
-        for e in self.embedded:
-            if not e.is_current(args):
-                e.refresh(args, WEIGHT_CACHE)
-        return self.compiled(*args)
+        stale = [e for e in self.embedded if not e.is_current(args)]
+        for e in stale:
+            e.refresh(args, WEIGHT_CACHE)
+        if stale and refresh_host_alphas(self.gm):
+            log.info("fp4: a weight's per-tensor scale changed; compiling the graph again")
+            self.compiled = self._compile()
+        with fp32_gemm_reductions():
+            return self.compiled(*args)
 
 
 def fp4_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict | None = None,

@@ -4,7 +4,8 @@
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
     fp4::gemm(a_packed, a_scales, a_pts, w_packed[], w_scales[], w_pts[], bias?[], out_dtype) -> [[..., N_i]]
                                                                                           (NVFP4 x NVFP4)
-    fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[]) -> [[..., N_i]]  (high precision x NVFP4)
+    fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
+                                                                          (high precision x NVFP4)
     fp4::gemm_kernel, fp4::gemm_a16_kernel: the same products, never decomposed
     fp4::linear(x, w_packed, w_scales, w_pts, bias?, act_pts?, scheme) -> [..., N]        (a calibrated layer)
 
@@ -18,8 +19,9 @@ For Inductor, ``quantize_act`` decomposes into the amax and the block quantize: 
 the op that produces the activation; on CUDA the amax and the ``quantize_blocks`` Triton kernel, generated once per
 activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the kernels
-up to 128 rows), or on CUDA with more rows an exact dequantize, aten ``mm`` with an fp32 output (cuBLAS) and
-a fused epilogue per weight; Inductor generates that dequantize + ``mm`` once per shape, not once per layer. On CUDA
+up to 128 rows), or on CUDA with more rows an exact dequantize and cuBLAS per weight: for ``gemm_a16`` with
+``alphas``, aten ``addmm`` that applies the global scale and the bias itself; otherwise aten ``mm`` with an fp32
+output and a fused epilogue. Inductor generates each dequantize once per shape, not once per layer. On CUDA
 the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
 ``out_dtype``).
 """
@@ -140,17 +142,23 @@ def _gemm_a16_fake(x, w_packed, w_scales, w_pts, bias):
 _GEMM_SIG = dict(mutates_args=(), schema=(
     "(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, "
     "Tensor?[] bias, ScalarType out_dtype) -> Tensor[]"))
-_GEMM_A16_SIG = dict(mutates_args=(), schema=(
-    "(Tensor x, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias) -> Tensor[]"))
+_GEMM_A16_SIG = "(Tensor x, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias"
+# fp4::gemm_a16 also takes ``alphas``: the values of ``w_pts`` as host floats, for the large-M plan on CUDA, where
+# cuBLAS applies the global scale as its alpha (see _gemm_plan). None: that plan scales in its own epilogue.
 
 gemm = torch.library.custom_op("fp4::gemm", _reference_gemm_nvfp4, **_GEMM_SIG)
 gemm_kernel = torch.library.custom_op("fp4::gemm_kernel", _reference_gemm_nvfp4, **_GEMM_SIG)
-gemm_a16 = torch.library.custom_op("fp4::gemm_a16", _reference_gemm_a16, **_GEMM_A16_SIG)
-gemm_a16_kernel = torch.library.custom_op("fp4::gemm_a16_kernel", _reference_gemm_a16, **_GEMM_A16_SIG)
+gemm_a16 = torch.library.custom_op(
+    "fp4::gemm_a16", lambda x, w_packed, w_scales, w_pts, bias, alphas=None: _reference_gemm_a16(
+        x, w_packed, w_scales, w_pts, bias),
+    mutates_args=(), schema=_GEMM_A16_SIG + ", float[]? alphas=None) -> Tensor[]")
+gemm_a16_kernel = torch.library.custom_op(
+    "fp4::gemm_a16_kernel", _reference_gemm_a16, mutates_args=(), schema=_GEMM_A16_SIG + ") -> Tensor[]")
 for _op in (gemm, gemm_kernel):
     _op.register_fake(_gemm_fake)
-for _op in (gemm_a16, gemm_a16_kernel):
-    _op.register_fake(_gemm_a16_fake)
+gemm_a16.register_fake(lambda x, w_packed, w_scales, w_pts, bias, alphas=None: _gemm_a16_fake(
+    x, w_packed, w_scales, w_pts, bias))
+gemm_a16_kernel.register_fake(_gemm_a16_fake)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -175,8 +183,31 @@ def _epilogue(acc: torch.Tensor, alpha: torch.Tensor, bias, lead, out_dtype: tor
 
 
 def _dequantize_bf16(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """An NVFP4 activation as exact bf16 ``e2m1 * S_b`` (the per-tensor scale goes into the epilogue)."""
+    """NVFP4 values as exact bf16 ``e2m1 * S_b`` (the per-tensor scale is applied after the GEMM)."""
     return nvfp4.dequantize_blocks_by_bits(packed, scales, torch.bfloat16)
+
+
+def _dequantize_fp16(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """NVFP4 values as exact fp16 ``e2m1 * S_b`` (the per-tensor scale is applied after the GEMM)."""
+    return nvfp4.dequantize_blocks_by_bits(packed, scales, torch.float16)
+
+
+_DEQUANTIZE_TO = {torch.bfloat16: _dequantize_bf16, torch.float16: _dequantize_fp16}
+
+
+def _mm_alpha(a: torch.Tensor, w: torch.Tensor, alpha: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``alpha * (a @ w.T) + bias`` accumulated in fp32 and rounded once to ``a``'s dtype. On CUDA one cuBLAS call,
+    aten ``addmm`` with ``alpha`` as its host scalar, which Inductor runs as its own extern call: the fp32
+    accumulator never leaves the GEMM, where the ``_mm_f32`` + epilogue form writes it out and reads it back
+    (H200, M = 4096, nvfp4a16: 0.86x -> 0.98x of bf16 on 4096^2, tools/KERNEL_NOTES.md, version 20). cuBLAS
+    reduces a K split in fp32 only while reduced-precision reductions are off, which ``backend.CompiledGraph``
+    ensures. On CPU (the plan forced in tests): fp32 arithmetic in the epilogue's order."""
+    if a.device.type == "cuda":
+        if bias is None:  # with beta 0, addmm ignores its input, NaN included: an allocation, no kernel
+            return torch.addmm(a.new_empty(w.shape[0]), a, w.t(), beta=0, alpha=alpha)
+        return torch.addmm(bias, a, w.t(), alpha=alpha)
+    out = (a.float() @ w.float().t()) * alpha
+    return (out if bias is None else out + bias.float()).to(a.dtype)
 
 
 def _dequantize_mm(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
@@ -194,11 +225,13 @@ def _gemm_plan(x: torch.Tensor) -> str:
       Triton one);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
       ``_mm_f32`` (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
-      fuses with what follows. Launched by Inductor's own code, so the CPU cost per layer stays small: the fused
+      fuses with what follows; ``gemm_a16`` given ``alphas`` (as the backend's pass emits it) runs ``_mm_alpha``
+      instead, one cuBLAS call with the global scale as alpha and the bias. Launched by Inductor's own code, so
+      the CPU cost per layer stays small: the fused
       kernel is faster on the GPU at 1024 rows, but each call of the kernel op costs 260-350 us of CPU, which
       made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives 0.76-0.81x;
-      tools/KERNEL_NOTES.md, version 15). The dequantize + GEMM is generated once per operand shape
-      (``_generated_once``), not once per layer. ``format.dequantize_blocks_by_bits`` both compiles and runs
+      tools/KERNEL_NOTES.md, version 15). The dequantize (with ``_mm_f32``: dequantize + GEMM) is generated once
+      per operand shape (``_generated_once``), not once per layer. ``format.dequantize_blocks_by_bits`` both compiles and runs
       faster there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call
       37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08 ms, the same logits). A group of weights runs one GEMM
       per weight here: every way of stacking them for one cuBLAS call made Inductor's dequantize slower than the
@@ -223,13 +256,17 @@ def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bi
 
 
 @register_decomposition(torch.ops.fp4.gemm_a16.default)
-def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias):
+def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias, alphas=None):
     if _gemm_plan(x) == "kernel":
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
-    outs = []
-    for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
-        acc = _generated_once(_dequantize_mm, x.flatten(0, -2), p, s)
-        outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
+    x2, outs = x.flatten(0, -2), []
+    for i, (p, s, pts, b) in enumerate(zip(w_packed, w_scales, w_pts, bias)):
+        if alphas is not None and x.dtype in _DEQUANTIZE_TO and (b is None or b.dtype == x.dtype):
+            w = _generated_once(_DEQUANTIZE_TO[x.dtype], p, s)
+            outs.append(_mm_alpha(x2, w, alphas[i], b).reshape(*x.shape[:-1], -1))
+        else:
+            acc = _generated_once(_dequantize_mm, x2, p, s)
+            outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
     return outs
 
 
@@ -268,8 +305,9 @@ def _register_cuda_kernels() -> None:
     quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
     for op in (gemm, gemm_kernel):
         op.register_kernel("cuda")(kernels.gemm)
-    for op in (gemm_a16, gemm_a16_kernel):
-        op.register_kernel("cuda")(kernels.gemm_a16)
+    gemm_a16.register_kernel("cuda")(lambda x, w_packed, w_scales, w_pts, bias, alphas=None: kernels.gemm_a16(
+        x, w_packed, w_scales, w_pts, bias))
+    gemm_a16_kernel.register_kernel("cuda")(kernels.gemm_a16)
 
 
 _register_cuda_kernels()

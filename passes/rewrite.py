@@ -313,6 +313,25 @@ def rewrite_linears(
     return report, embedded
 
 
+def _host_alphas(gm: fx.GraphModule, pts_nodes: list[fx.Node]) -> list[float]:
+    """The weights' per-tensor scales (get_attr constants) as floats, for ``fp4.gemm_a16``'s ``alphas``."""
+    return [float(getattr(gm, node.target)) for node in pts_nodes]
+
+
+def refresh_host_alphas(gm: fx.GraphModule) -> bool:
+    """Set every ``fp4.gemm_a16``'s ``alphas`` to its constants' current values (after ``Embedded.refresh``
+    rewrote them); True when one changed, so that the graph must be compiled again."""
+    changed = False
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.fp4.gemm_a16.default):
+        alphas = _host_alphas(gm, node.args[3])
+        if list(node.args[5]) != alphas:
+            node.update_arg(5, alphas)
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, embedded) -> None:
     """One GEMM op for ``members`` (linears over one activation), inserted before the first of them; each
     member's uses then read its output of the op."""
@@ -324,7 +343,7 @@ def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, e
         w_packed, w_scales, w_pts = (list(part) for part in zip(*weights))
         biases = [layer.match.bias for layer in members]
         if members[0].scheme == "nvfp4a16":
-            args = (x, w_packed, w_scales, w_pts, biases)
+            args = (x, w_packed, w_scales, w_pts, biases, _host_alphas(gm, w_pts))
             gemm = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
         else:
             a = _quantized_activation(g, emit, first, x, embedded, prefix)

@@ -183,7 +183,6 @@ def test_weight_changed_in_place_or_replaced_is_never_stale():
 
 def test_grouped_weight_changed_in_place_is_never_stale():
     """A weight inside a group (k of q/k/v) changed in place: the next call uses the new weight."""
-
     def linear(layer, h):  # nvfp4a16 in fp32: the activation as is, the weight quantized
         out = h @ nvfp4.fake_quantize(layer.weight).t()
         return out if layer.bias is None else out + layer.bias
@@ -336,11 +335,27 @@ def test_multi_row_cuda_plan_compiles_and_matches(monkeypatch, scheme):
         assert "torch.ops.fp4.gemm" in code[0] and "extern_kernels.mm(" not in code[0]
 
 
+def test_large_m_plan_follows_a_global_scale_changed_in_place(monkeypatch):
+    """The CUDA large-M plan for nvfp4a16 (forced onto the CPU) holds each weight's global scale as a host float,
+    cuBLAS's alpha. Doubling a weight in place doubles its scale: the graph is compiled again with the new one."""
+    import fp4compile.ops
+
+    monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x: "dequantize")
+    torch.manual_seed(0)
+    model, x = MLP().to(torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
+        fast = compile_fp4(model, scheme="nvfp4a16")
+        torch.testing.assert_close(fast(x), emulate_mlp(model, x, "nvfp4a16"), rtol=1e-2, atol=1e-3)
+        model.up.weight.mul_(-2.0)
+        torch.testing.assert_close(fast(x), emulate_mlp(model, x, "nvfp4a16"), rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
 def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
-    """Layers of the same shapes share one generated dequantize + ``mm`` in the large-M plan, and one generated
-    activation quantize (CUDA's plan and block quantize, forced onto the CPU): three MLPs have two weight shapes and
-    two activation shapes, so the compiled code holds two calls of each, not six."""
+    """Layers of the same shapes share one generated weight dequantize (nvfp4: dequantize + ``mm``) in the large-M
+    plan, and one generated activation quantize (CUDA's plan and block quantize, forced onto the CPU): three MLPs
+    have two weight shapes and two activation shapes, so the compiled code defines two of each, not six. nvfp4a16
+    calls cuBLAS once per layer, with that layer's global scale as the host alpha."""
     import fp4compile.ops
 
     monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x: "dequantize")
@@ -349,7 +364,10 @@ def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
     model, x = nn.Sequential(MLP(), MLP(), MLP()).to(torch.bfloat16), torch.randn(9, 64, dtype=torch.bfloat16)
     with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
         out, code = run_and_get_code(compile_fp4(model, scheme=scheme), x)
-    assert code[0].count("extern_kernels.mm(") == 2
+    if scheme == "nvfp4":
+        assert code[0].count("extern_kernels.mm(") == 2
+    else:
+        assert code[0].count("def repeated_subgraph") == 2 and code[0].count("extern_kernels.mm(") == 6
     assert code[0].count("torch.ops.fp4.quantize_blocks.default(") == (2 if scheme == "nvfp4" else 0)
     expect = x
     for mlp in model:
@@ -358,23 +376,30 @@ def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [64, 256])
 @pytest.mark.parametrize("rows", [1, 17, 300])
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
-def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k):
+def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k, bias):
     """Compiled on CUDA, each plan of ``ops._gemm_plan`` (one row: the GEMV; up to 128: tensor cores, on Hopper
-    the fused kernel where K is a multiple of 256; more: dequantize + cuBLAS + epilogue) gives the eager
-    emulation's numbers: within a rounding of the bf16 output (one layer, so that both sides quantize the same
-    activation)."""
+    the fused kernel where K is a multiple of 256; more: dequantize + cuBLAS, with the global scale as cuBLAS's
+    alpha for nvfp4a16) gives the eager emulation's numbers: within a rounding of the bf16 output (one layer, so
+    that both sides quantize the same activation). The caching allocator's free memory holds NaNs first, so an
+    uninitialized buffer that is read shows."""
     from fp4compile.kernels import DIRECT_MAX_ROWS
 
     torch.manual_seed(0)
-    layer, x = nn.Linear(k, 100).to(torch.bfloat16), torch.randn(rows, k, dtype=torch.bfloat16)
+    layer, x = nn.Linear(k, 100, bias=bias).to(torch.bfloat16), torch.randn(rows, k, dtype=torch.bfloat16)
     a = nvfp4.fake_quantize(x) if scheme == "nvfp4" else x.float()
-    expect = (a.double() @ nvfp4.fake_quantize(layer.weight).double().t() + layer.bias.double())
+    expect = a.double() @ nvfp4.fake_quantize(layer.weight).double().t()
+    if bias:
+        expect += layer.bias.double()
+    nans = [torch.full((2**17,), float("nan"), device="cuda") for _ in range(64)]  # the allocator's small pool
+    del nans
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         out, code = run_and_get_code(compile_fp4(layer.cuda(), scheme=scheme), x.cuda())
     assert ("torch.ops.fp4.gemm" in code[0]) == (rows <= DIRECT_MAX_ROWS)
+    assert ("extern_kernels.addmm(" in code[0]) == (scheme == "nvfp4a16" and rows > DIRECT_MAX_ROWS)
     assert out.dtype == torch.bfloat16
     bound = 2**-8 * expect.abs() + 1e-5 * expect.abs().max()
     assert ((out.cpu().double() - expect).abs() <= bound).all(), "more than one rounding away from the emulation"

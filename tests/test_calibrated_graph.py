@@ -46,7 +46,7 @@ class GraphModule(torch.nn.Module):
         fp4_0_scales: "u8[48, 2]" = self.fp4_0_scales
         fp4_0_pts: "f32[]" = self.fp4_0_pts
 
-        _0_gemm = torch.ops.fp4.gemm_a16.default(l_args_0_, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [l_fn_modules_0_parameters_bias_]);  l_args_0_ = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
+        _0_gemm = torch.ops.fp4.gemm_a16.default(l_args_0_, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [l_fn_modules_0_parameters_bias_], [6.575465522473678e-05]);  l_args_0_ = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
 
         _0_out = _0_gemm[0];  _0_gemm = None
         input_2: "f32[4, 48]" = torch.nn.functional.relu(_0_out, inplace = False);  _0_out = None
@@ -54,7 +54,7 @@ class GraphModule(torch.nn.Module):
         fp4_2_scales: "u8[16, 3]" = self.fp4_2_scales
         fp4_2_pts: "f32[]" = self.fp4_2_pts
 
-        _2_gemm = torch.ops.fp4.gemm_a16.default(input_2, [fp4_2_packed], [fp4_2_scales], [fp4_2_pts], [l_fn_modules_2_parameters_bias_]);  input_2 = fp4_2_packed = fp4_2_scales = fp4_2_pts = l_fn_modules_2_parameters_bias_ = None
+        _2_gemm = torch.ops.fp4.gemm_a16.default(input_2, [fp4_2_packed], [fp4_2_scales], [fp4_2_pts], [l_fn_modules_2_parameters_bias_], [5.3592215408571064e-05]);  input_2 = fp4_2_packed = fp4_2_scales = fp4_2_pts = l_fn_modules_2_parameters_bias_ = None
 
         _2_out = _2_gemm[0];  _2_gemm = None
         return (_2_out,)

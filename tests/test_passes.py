@@ -214,7 +214,7 @@ class GraphModule(torch.nn.Module):
         fp4_v_scales: "u8[64, 4]" = self.fp4_v_scales
         fp4_v_pts: "f32[]" = self.fp4_v_pts
 
-        q_k_v_gemm = torch.ops.fp4.gemm_a16.default(l_x_, [fp4_q_packed, fp4_k_packed, fp4_v_packed], [fp4_q_scales, fp4_k_scales, fp4_v_scales], [fp4_q_pts, fp4_k_pts, fp4_v_pts], [None, None, None]);  fp4_q_packed = fp4_k_packed = fp4_v_packed = fp4_q_scales = fp4_k_scales = fp4_v_scales = fp4_q_pts = fp4_k_pts = fp4_v_pts = None
+        q_k_v_gemm = torch.ops.fp4.gemm_a16.default(l_x_, [fp4_q_packed, fp4_k_packed, fp4_v_packed], [fp4_q_scales, fp4_k_scales, fp4_v_scales], [fp4_q_pts, fp4_k_pts, fp4_v_pts], [None, None, None], [4.649469337891787e-05, 4.649578113458119e-05, 4.650092523661442e-05]);  fp4_q_packed = fp4_k_packed = fp4_v_packed = fp4_q_scales = fp4_k_scales = fp4_v_scales = fp4_q_pts = fp4_k_pts = fp4_v_pts = None
 
         q_out = q_k_v_gemm[0]
         k_out = q_k_v_gemm[1]
@@ -227,7 +227,7 @@ class GraphModule(torch.nn.Module):
         fp4_o_scales: "u8[64, 4]" = self.fp4_o_scales
         fp4_o_pts: "f32[]" = self.fp4_o_pts
 
-        o_gemm = torch.ops.fp4.gemm_a16.default(add, [fp4_o_packed], [fp4_o_scales], [fp4_o_pts], [None]);  add = fp4_o_packed = fp4_o_scales = fp4_o_pts = None
+        o_gemm = torch.ops.fp4.gemm_a16.default(add, [fp4_o_packed], [fp4_o_scales], [fp4_o_pts], [None], [4.649636321119033e-05]);  add = fp4_o_packed = fp4_o_scales = fp4_o_pts = None
 
         o_out = o_gemm[0];  o_gemm = None
 
@@ -240,7 +240,7 @@ class GraphModule(torch.nn.Module):
         fp4_up_scales: "u8[128, 4]" = self.fp4_up_scales
         fp4_up_pts: "f32[]" = self.fp4_up_pts
 
-        gate_up_gemm = torch.ops.fp4.gemm_a16.default(h, [fp4_gate_packed, fp4_up_packed], [fp4_gate_scales, fp4_up_scales], [fp4_gate_pts, fp4_up_pts], [None, None]);  fp4_gate_packed = fp4_up_packed = fp4_gate_scales = fp4_up_scales = fp4_gate_pts = fp4_up_pts = None
+        gate_up_gemm = torch.ops.fp4.gemm_a16.default(h, [fp4_gate_packed, fp4_up_packed], [fp4_gate_scales, fp4_up_scales], [fp4_gate_pts, fp4_up_pts], [None, None], [4.650107439374551e-05, 4.649884067475796e-05]);  fp4_gate_packed = fp4_up_packed = fp4_gate_scales = fp4_up_scales = fp4_gate_pts = fp4_up_pts = None
 
         gate_out = gate_up_gemm[0]
         up_out = gate_up_gemm[1];  gate_up_gemm = None
@@ -252,7 +252,7 @@ class GraphModule(torch.nn.Module):
         fp4_down_scales: "u8[64, 8]" = self.fp4_down_scales
         fp4_down_pts: "f32[]" = self.fp4_down_pts
 
-        down_gemm = torch.ops.fp4.gemm_a16.default(mul_1, [fp4_down_packed], [fp4_down_scales], [fp4_down_pts], [None]);  mul_1 = fp4_down_packed = fp4_down_scales = fp4_down_pts = None
+        down_gemm = torch.ops.fp4.gemm_a16.default(mul_1, [fp4_down_packed], [fp4_down_scales], [fp4_down_pts], [None], [3.2880972867133096e-05]);  mul_1 = fp4_down_packed = fp4_down_scales = fp4_down_pts = None
 
         down_out = down_gemm[0];  down_gemm = None
 
@@ -314,7 +314,7 @@ class GraphModule(torch.nn.Module):
         fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
         fp4_fc_pts: "f32[]" = self.fp4_fc_pts
 
-        fc_gemm = torch.ops.fp4.gemm_a16.default(l_x_, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [l_self_modules_fc_parameters_bias_]);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
+        fc_gemm = torch.ops.fp4.gemm_a16.default(l_x_, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [l_self_modules_fc_parameters_bias_], [4.647961031878367e-05]);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
 
         fc_out = fc_gemm[0];  fc_gemm = None
         return (fc_out,)

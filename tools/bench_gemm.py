@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from fp4compile import format as nvfp4
+from fp4compile.backend import fp32_gemm_reductions
 from fp4compile.kernels import triton_gemm
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192))
@@ -81,10 +82,12 @@ def bench_point(n, k, m, weights, ceil, quant, a16_compiled, w4a4_compiled) -> d
     w_deq = nvfp4.dequantize_parts(*w_fp4)
 
     def a16(w=w_fp4):
-        return a16_compiled(x, *w)
+        with fp32_gemm_reductions():  # as the backend calls its compiled graphs
+            return a16_compiled(x, *w)
 
     def w4a4(w=w_fp4):
-        return w4a4_compiled(x, *w)
+        with fp32_gemm_reductions():
+            return w4a4_compiled(x, *w)
 
     a_deq = nvfp4.dequantize_parts(*quant(x))
     row = {
@@ -132,9 +135,9 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     torch._dynamo.config.cache_size_limit = 64
     quant = torch.compile(lambda x: torch.ops.fp4.quantize_act(x, None), dynamic=False)
-    # The GEMMs as the fp4 backend runs them: Inductor compiles the ops' decompositions (the Triton kernels up to
-    # 128 rows, dequantize + cuBLAS + fused epilogue above), with the weights as inputs.
-    a16_compiled = torch.compile(lambda x, p, s, t: torch.ops.fp4.gemm_a16(x, [p], [s], [t], [None])[0], dynamic=False)
+    # The GEMMs as the fp4 backend runs them: Inductor compiles the ops' decompositions (the kernels up to 128 rows,
+    # dequantize + cuBLAS above), with the weights as inputs; nvfp4a16's global scale also as the host float the
+    # backend's pass gives (cuBLAS's alpha above 128 rows).
     w4a4_compiled = torch.compile(
         lambda x, p, s, t: torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x, None), [p], [s], [t], [None],
                                               torch.bfloat16)[0], dynamic=False)
@@ -147,6 +150,9 @@ def main() -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         q = nvfp4.quantize(w)
         weights = ((w,), (q.packed, q.scales.view(torch.uint8), q.global_scale))
+        alphas = [float(q.global_scale)]
+        a16_compiled = torch.compile(lambda x, p, s, t: torch.ops.fp4.gemm_a16(x, [p], [s], [t], [None], alphas)[0],
+                                     dynamic=False)
         for m in ms:
             t0 = time.time()
             torch._dynamo.reset()  # one compiled graph per point: no time spent on other points' guards
