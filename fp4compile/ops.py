@@ -2,8 +2,8 @@
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
-    fp4::gemm(a_packed, a_scales, a_pts, w_packed[], w_scales[], w_pts[], bias?[], out_dtype) -> [[..., N_i]]
-                                                                                          (NVFP4 x NVFP4)
+    fp4::gemm(a_packed, a_scales, a_pts, w_packed[], w_scales[], w_pts[], bias?[], out_dtype, alphas?)
+                                                                        -> [[..., N_i]]  (NVFP4 x NVFP4)
     fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
                                                                           (high precision x NVFP4)
     fp4::gemm_kernel, fp4::gemm_a16_kernel: the same products, never decomposed
@@ -19,9 +19,9 @@ For Inductor, ``quantize_act`` decomposes into the amax and the block quantize: 
 the op that produces the activation; on CUDA the amax and the ``quantize_blocks`` Triton kernel, generated once per
 activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the kernels
-up to 128 rows), or on CUDA with more rows an exact dequantize and cuBLAS per weight: for ``gemm_a16`` with
-``alphas``, aten ``addmm`` that applies the global scale and the bias itself; otherwise aten ``mm`` with an fp32
-output and a fused epilogue. Inductor generates each dequantize once per shape, not once per layer. On CUDA
+up to 128 rows), or on CUDA with more rows an exact dequantize and cuBLAS per weight: given ``alphas``, aten
+``addmm`` that applies the global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a
+fused epilogue. Inductor generates each dequantize once per shape, not once per layer. On CUDA
 the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
 ``out_dtype``).
 """
@@ -139,25 +139,32 @@ def _gemm_a16_fake(x, w_packed, w_scales, w_pts, bias):
 
 # Each GEMM exists twice with the same meaning: the op the passes emit (fp4::gemm, fp4::gemm_a16), which Inductor
 # decomposes (see _gemm_plan), and the kernel op (fp4::gemm_kernel, fp4::gemm_a16_kernel), which it never does.
-_GEMM_SIG = dict(mutates_args=(), schema=(
-    "(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, "
-    "Tensor?[] bias, ScalarType out_dtype) -> Tensor[]"))
-_GEMM_A16_SIG = "(Tensor x, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias"
-# fp4::gemm_a16 also takes ``alphas``: the values of ``w_pts`` as host floats, for the large-M plan on CUDA, where
-# cuBLAS applies the global scale as its alpha (see _gemm_plan). None: that plan scales in its own epilogue.
+# The emitted ops also take ``alphas``: each weight's alpha (the product of the global scales) as a host float,
+# where the pass knows it (always for gemm_a16; for gemm with a static activation scale). The large-M plan on CUDA
+# then lets cuBLAS apply it (``_mm_alpha``); without it that plan scales in its own epilogue.
+_GEMM_ARGS = ("(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, "
+              "Tensor?[] bias, ScalarType out_dtype")
+_GEMM_A16_ARGS = "(Tensor x, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias"
+_ALPHAS = ", float[]? alphas=None) -> Tensor[]"
 
-gemm = torch.library.custom_op("fp4::gemm", _reference_gemm_nvfp4, **_GEMM_SIG)
-gemm_kernel = torch.library.custom_op("fp4::gemm_kernel", _reference_gemm_nvfp4, **_GEMM_SIG)
-gemm_a16 = torch.library.custom_op(
-    "fp4::gemm_a16", lambda x, w_packed, w_scales, w_pts, bias, alphas=None: _reference_gemm_a16(
-        x, w_packed, w_scales, w_pts, bias),
-    mutates_args=(), schema=_GEMM_A16_SIG + ", float[]? alphas=None) -> Tensor[]")
-gemm_a16_kernel = torch.library.custom_op(
-    "fp4::gemm_a16_kernel", _reference_gemm_a16, mutates_args=(), schema=_GEMM_A16_SIG + ") -> Tensor[]")
-for _op in (gemm, gemm_kernel):
-    _op.register_fake(_gemm_fake)
-gemm_a16.register_fake(lambda x, w_packed, w_scales, w_pts, bias, alphas=None: _gemm_a16_fake(
-    x, w_packed, w_scales, w_pts, bias))
+
+def _ignoring_alphas(fn):
+    """``fn`` for an op that also takes ``alphas`` last: only the large-M plan reads them."""
+    arity = fn.__code__.co_argcount
+    return lambda *args, **kwargs: fn(*args[:arity])
+
+
+gemm = torch.library.custom_op("fp4::gemm", _ignoring_alphas(_reference_gemm_nvfp4), mutates_args=(),
+                               schema=_GEMM_ARGS + _ALPHAS)
+gemm_kernel = torch.library.custom_op("fp4::gemm_kernel", _reference_gemm_nvfp4, mutates_args=(),
+                                      schema=_GEMM_ARGS + ") -> Tensor[]")
+gemm_a16 = torch.library.custom_op("fp4::gemm_a16", _ignoring_alphas(_reference_gemm_a16), mutates_args=(),
+                                   schema=_GEMM_A16_ARGS + _ALPHAS)
+gemm_a16_kernel = torch.library.custom_op("fp4::gemm_a16_kernel", _reference_gemm_a16, mutates_args=(),
+                                          schema=_GEMM_A16_ARGS + ") -> Tensor[]")
+gemm.register_fake(_ignoring_alphas(_gemm_fake))
+gemm_kernel.register_fake(_gemm_fake)
+gemm_a16.register_fake(_ignoring_alphas(_gemm_a16_fake))
 gemm_a16_kernel.register_fake(_gemm_a16_fake)
 
 
@@ -225,8 +232,8 @@ def _gemm_plan(x: torch.Tensor) -> str:
       Triton one);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
       ``_mm_f32`` (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
-      fuses with what follows; ``gemm_a16`` given ``alphas`` (as the backend's pass emits it) runs ``_mm_alpha``
-      instead, one cuBLAS call with the global scale as alpha and the bias. Launched by Inductor's own code, so
+      fuses with what follows; a GEMM given ``alphas`` (as the backend's pass emits ``gemm_a16``, and ``gemm``
+      with a static activation scale) runs ``_mm_alpha`` instead, one cuBLAS call with alpha and the bias. Launched by Inductor's own code, so
       the CPU cost per layer stays small: the fused
       kernel is faster on the GPU at 1024 rows, but each call of the kernel op costs 260-350 us of CPU, which
       made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives 0.76-0.81x;
@@ -243,15 +250,27 @@ def _gemm_plan(x: torch.Tensor) -> str:
     return "dequantize" if x.device.type == "cuda" and _rows(x) > kernels.DIRECT_MAX_ROWS else "kernel"
 
 
+def _cublas_scales(alphas, out_dtype: torch.dtype, bias) -> bool:
+    """Whether the large-M plan hands the alphas to cuBLAS (``_mm_alpha``): given, a bf16/fp16 output, and biases
+    of that dtype or none."""
+    return alphas is not None and out_dtype in _DEQUANTIZE_TO and all(b is None or b.dtype == out_dtype for b in bias)
+
+
 @register_decomposition(torch.ops.fp4.gemm.default)
-def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
+def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, alphas=None):
     if _gemm_plan(a_packed) == "kernel":
         return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
+    lead, outs = a_packed.shape[:-1], []
+    if _cublas_scales(alphas, out_dtype, bias):
+        dequantize = _DEQUANTIZE_TO[out_dtype]
+        a = _generated_once(dequantize, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
+        for p, s, b, alpha in zip(w_packed, w_scales, bias, alphas):
+            outs.append(_mm_alpha(a, _generated_once(dequantize, p, s), alpha, b).reshape(*lead, -1))
+        return outs
     a = _generated_once(_dequantize_bf16, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
-    outs = []
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
         acc = _generated_once(_dequantize_mm, a, p, s)
-        outs.append(_epilogue(acc, a_pts * pts, b, a_packed.shape[:-1], out_dtype))
+        outs.append(_epilogue(acc, a_pts * pts, b, lead, out_dtype))
     return outs
 
 
@@ -260,13 +279,14 @@ def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias, alphas=None):
     if _gemm_plan(x) == "kernel":
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
     x2, outs = x.flatten(0, -2), []
-    for i, (p, s, pts, b) in enumerate(zip(w_packed, w_scales, w_pts, bias)):
-        if alphas is not None and x.dtype in _DEQUANTIZE_TO and (b is None or b.dtype == x.dtype):
+    if _cublas_scales(alphas, x.dtype, bias):
+        for p, s, b, alpha in zip(w_packed, w_scales, bias, alphas):
             w = _generated_once(_DEQUANTIZE_TO[x.dtype], p, s)
-            outs.append(_mm_alpha(x2, w, alphas[i], b).reshape(*x.shape[:-1], -1))
-        else:
-            acc = _generated_once(_dequantize_mm, x2, p, s)
-            outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
+            outs.append(_mm_alpha(x2, w, alpha, b).reshape(*x.shape[:-1], -1))
+        return outs
+    for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
+        acc = _generated_once(_dequantize_mm, x2, p, s)
+        outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))
     return outs
 
 
@@ -303,10 +323,9 @@ def _register_cuda_kernels() -> None:
     from . import kernels
 
     quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
-    for op in (gemm, gemm_kernel):
-        op.register_kernel("cuda")(kernels.gemm)
-    gemm_a16.register_kernel("cuda")(lambda x, w_packed, w_scales, w_pts, bias, alphas=None: kernels.gemm_a16(
-        x, w_packed, w_scales, w_pts, bias))
+    gemm.register_kernel("cuda")(_ignoring_alphas(kernels.gemm))
+    gemm_kernel.register_kernel("cuda")(kernels.gemm)
+    gemm_a16.register_kernel("cuda")(_ignoring_alphas(kernels.gemm_a16))
     gemm_a16_kernel.register_kernel("cuda")(kernels.gemm_a16)
 
 

@@ -313,20 +313,31 @@ def rewrite_linears(
     return report, embedded
 
 
-def _host_alphas(gm: fx.GraphModule, pts_nodes: list[fx.Node]) -> list[float]:
-    """The weights' per-tensor scales (get_attr constants) as floats, for ``fp4.gemm_a16``'s ``alphas``."""
-    return [float(getattr(gm, node.target)) for node in pts_nodes]
+def _host_alphas(gm: fx.GraphModule, w_pts: list[fx.Node], act_pts: fx.Node | None = None) -> list[float]:
+    """The GEMM's alpha per weight as a host float (its ``alphas``): the weight's per-tensor scale, times the static
+    activation scale if there is one, multiplied in fp32 as the epilogue does. Reads the get_attr constants."""
+    act = None if act_pts is None else getattr(gm, act_pts.target).float()
+    return [float(getattr(gm, node.target).float() * (1.0 if act is None else act)) for node in w_pts]
+
+
+def _alphas_of(gm: fx.GraphModule, gemm: fx.Node) -> list[float]:
+    if gemm.target is torch.ops.fp4.gemm_a16.default:
+        return _host_alphas(gm, gemm.args[3])
+    quantize = gemm.args[2].args[0]  # a_pts: getitem(fp4.quantize_act(x, act_pts), 2)
+    return _host_alphas(gm, gemm.args[5], quantize.args[1])
 
 
 def refresh_host_alphas(gm: fx.GraphModule) -> bool:
-    """Set every ``fp4.gemm_a16``'s ``alphas`` to its constants' current values (after ``Embedded.refresh``
-    rewrote them); True when one changed, so that the graph must be compiled again."""
+    """Set every GEMM's ``alphas`` to its constants' current values (after ``Embedded.refresh`` rewrote them);
+    True when one changed, so that the graph must be compiled again."""
     changed = False
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.fp4.gemm_a16.default):
-        alphas = _host_alphas(gm, node.args[3])
-        if list(node.args[5]) != alphas:
-            node.update_arg(5, alphas)
-            changed = True
+    for target, index in ((torch.ops.fp4.gemm_a16.default, 5), (torch.ops.fp4.gemm.default, 8)):
+        for node in gm.graph.find_nodes(op="call_function", target=target):
+            if len(node.args) > index and node.args[index] is not None:
+                alphas = _alphas_of(gm, node)
+                if list(node.args[index]) != alphas:
+                    node.update_arg(index, alphas)
+                    changed = True
     if changed:
         gm.recompile()
     return changed
@@ -347,7 +358,10 @@ def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, e
             gemm = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
         else:
             a = _quantized_activation(g, emit, first, x, embedded, prefix)
+            act_pts = a[0].args[0].args[1]  # fp4.quantize_act's static scale, or None
             args = (*a, w_packed, w_scales, w_pts, biases, _out_dtype(first.x))
+            if act_pts is not None:  # alpha is known: the product of static scales
+                args += (_host_alphas(gm, w_pts, act_pts),)
             gemm = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")
         outs = [g.create_node("call_function", operator.getitem, (gemm, i), name=f"{_safe(layer.match.name)}_out")
                 for i, layer in enumerate(members)]

@@ -350,6 +350,25 @@ def test_large_m_plan_follows_a_global_scale_changed_in_place(monkeypatch):
         torch.testing.assert_close(fast(x), emulate_mlp(model, x, "nvfp4a16"), rtol=1e-2, atol=1e-3)
 
 
+def test_large_m_plan_with_a_static_activation_scale(monkeypatch):
+    """nvfp4 with a static activation scale (a calibrated layer) in the CUDA large-M plan, forced onto the CPU: the
+    GEMM's alpha is a host float, and the output is the eager layer's. Changing the scale in place compiles the
+    graph again with the new alpha."""
+    import fp4compile.ops
+
+    monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x: "dequantize")
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    layer = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach()),
+                                               input_global_scale=torch.tensor(0.002))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
+        fast = compile_fp4(layer)
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-2, atol=1e-3)
+        layer.input_global_scale.mul_(4.0)
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
 def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
     """Layers of the same shapes share one generated weight dequantize (nvfp4: dequantize + ``mm``) in the large-M
@@ -403,6 +422,27 @@ def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k, bias):
     assert out.dtype == torch.bfloat16
     bound = 2**-8 * expect.abs() + 1e-5 * expect.abs().max()
     assert ((out.cpu().double() - expect).abs() <= bound).all(), "more than one rounding away from the emulation"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [17, 300])
+def test_cuda_plans_with_a_static_activation_scale(rows, bias):
+    """A calibrated nvfp4 layer with a static activation scale, compiled on CUDA, gives its eager output within a
+    rounding of bf16; above 128 rows cuBLAS applies the product of the static scales as alpha."""
+    from fp4compile.kernels import DIRECT_MAX_ROWS
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 100, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
+    layer = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach()),
+                                               input_global_scale=nvfp4.global_scale_of(x)).cuda()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        expect = layer(x).double()
+        out, code = run_and_get_code(compile_fp4(layer), x)
+    assert ("extern_kernels.addmm(" in code[0]) == (rows > DIRECT_MAX_ROWS)
+    bound = 2**-8 * expect.abs() + 1e-5 * expect.abs().max()
+    assert ((out.double() - expect).abs() <= bound).all(), "more than one rounding away from the eager layer"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

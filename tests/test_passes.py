@@ -349,6 +349,37 @@ class GraphModule(torch.nn.Module):
         return (_0_out,)
 """)
 
+    def test_static_activation_scale_gives_the_gemm_its_alpha(self):
+        """With a static activation scale, the GEMM's alpha (activation scale x weight scale, in fp32) is known when
+        the graph is rewritten, and the GEMM gets it as a host float (cuBLAS's alpha in the large-M plan)."""
+        linear = nn.Linear(64, 32, bias=False)
+        packed = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach(), 0.5),
+                                                    input_global_scale=torch.tensor(0.002))
+        graph, _, _ = rewrite(nn.Sequential(packed), torch.randn(4, 64))
+        self.assertExpectedInline(graph, """\
+class GraphModule(torch.nn.Module):
+    def forward(self, L_fn_modules_0_buffers_weight_packed_: "u8[32, 32]", L_fn_modules_0_buffers_weight_scales_: "u8[32, 4]", L_fn_modules_0_buffers_weight_global_scale_: "f32[]", L_fn_modules_0_buffers_input_global_scale_: "f32[]", L_args_0_: "f32[4, 64]"):
+        l_fn_modules_0_buffers_weight_packed_ = L_fn_modules_0_buffers_weight_packed_
+        l_fn_modules_0_buffers_weight_scales_ = L_fn_modules_0_buffers_weight_scales_
+        l_fn_modules_0_buffers_weight_global_scale_ = L_fn_modules_0_buffers_weight_global_scale_
+        l_fn_modules_0_buffers_input_global_scale_ = L_fn_modules_0_buffers_input_global_scale_
+        l_args_0_ = L_args_0_
+
+        fp4_0_packed: "u8[32, 32]" = self.fp4_0_packed
+        fp4_0_scales: "u8[32, 4]" = self.fp4_0_scales
+        fp4_0_pts: "f32[]" = self.fp4_0_pts
+        fp4_0_act_pts: "f32[]" = self.fp4_0_act_pts
+        _0_act = torch.ops.fp4.quantize_act.default(l_args_0_, fp4_0_act_pts);  l_args_0_ = fp4_0_act_pts = None
+        _0_act_packed = _0_act[0]
+        _0_act_scales = _0_act[1]
+        _0_act_pts = _0_act[2];  _0_act = None
+
+        _0_gemm = torch.ops.fp4.gemm.default(_0_act_packed, _0_act_scales, _0_act_pts, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [None], torch.float32, [0.0010000000474974513]);  _0_act_packed = _0_act_scales = _0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = None
+
+        _0_out = _0_gemm[0];  _0_gemm = None
+        return (_0_out,)
+""")
+
 
 class Forms(nn.Module):
     def __init__(self):
