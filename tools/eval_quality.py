@@ -60,6 +60,8 @@ GPTQ_VARIANTS = {
     "gptq-all-at-once": {**_PLAIN, "sequential": False},
     "gptq-static": {**_PLAIN, "static_activation_scale": True},
     "gptq-asym0.1": {"asymmetric": 0.1},
+    "gptq-asym0.15": {"asymmetric": 0.15},
+    "gptq-asym0.2": {"asymmetric": 0.2},
     "gptq-asym0.25": {"asymmetric": 0.25},
     "gptq-asym0.5": {"asymmetric": 0.5},
     "gptq-asym0.75": {"asymmetric": 0.75},
