@@ -27,6 +27,9 @@ def test_opcheck_every_op(dtype):
     group = ([wp, wp2], [ws, ws2], [wpts, wpts2], [bias, bias[:16]])
     torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, *group, dtype))
     torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, *group))
+    alphas = [float(wpts), float(wpts2)]  # host floats, as the pass adds them (only the large-M plan reads them)
+    torch.library.opcheck(torch.ops.fp4.gemm.default, (*a, *group, dtype, alphas))
+    torch.library.opcheck(torch.ops.fp4.gemm_a16.default, (x, *group, alphas))
     for scheme in ("nvfp4", "nvfp4a16"):
         torch.library.opcheck(torch.ops.fp4.linear.default, (x, wp, ws, wpts, bias, None, scheme))
 
