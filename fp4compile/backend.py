@@ -142,7 +142,8 @@ class CompiledGraph:
 
     A parameter replaced (``layer.weight = nn.Parameter(...)``) or changed in place (``weight.mul_(2)``) is
     noticed at the next call and its packed constants are refreshed, so results are never stale; when that changes
-    a per-tensor scale that the graph holds as a host float (a GEMM op's ``alphas``), the graph is compiled again. Calls run with cuBLAS's reduced-precision reductions off (``fp32_gemm_reductions``).
+    a per-tensor scale that the graph holds as a host float (a GEMM op's ``alphas``), the graph is compiled again.
+    Calls run with cuBLAS's reduced-precision reductions off (``fp32_gemm_reductions``).
     """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs, options: BackendOptions):
