@@ -256,17 +256,22 @@ def _cublas_scales(alphas, out_dtype: torch.dtype, bias) -> bool:
     return alphas is not None and out_dtype in _DEQUANTIZE_TO and all(b is None or b.dtype == out_dtype for b in bias)
 
 
+def _mm_alpha_each(a: torch.Tensor, w_packed, w_scales, bias, alphas, lead) -> list[torch.Tensor]:
+    """``_mm_alpha`` of the 2-D bf16/fp16 activation ``a`` with each weight, dequantized to ``a``'s dtype (once per
+    shape); outputs shaped ``[*lead, N_i]``."""
+    dequantize = _DEQUANTIZE_TO[a.dtype]
+    return [_mm_alpha(a, _generated_once(dequantize, p, s), alpha, b).reshape(*lead, -1)
+            for p, s, b, alpha in zip(w_packed, w_scales, bias, alphas)]
+
+
 @register_decomposition(torch.ops.fp4.gemm.default)
 def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, alphas=None):
     if _gemm_plan(a_packed) == "kernel":
         return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
     lead, outs = a_packed.shape[:-1], []
     if _cublas_scales(alphas, out_dtype, bias):
-        dequantize = _DEQUANTIZE_TO[out_dtype]
-        a = _generated_once(dequantize, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
-        for p, s, b, alpha in zip(w_packed, w_scales, bias, alphas):
-            outs.append(_mm_alpha(a, _generated_once(dequantize, p, s), alpha, b).reshape(*lead, -1))
-        return outs
+        a = _generated_once(_DEQUANTIZE_TO[out_dtype], a_packed.flatten(0, -2), a_scales.flatten(0, -2))
+        return _mm_alpha_each(a, w_packed, w_scales, bias, alphas, lead)
     a = _generated_once(_dequantize_bf16, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
         acc = _generated_once(_dequantize_mm, a, p, s)
@@ -280,10 +285,7 @@ def _gemm_a16_decomposition(x, w_packed, w_scales, w_pts, bias, alphas=None):
         return torch.ops.fp4.gemm_a16_kernel(x, w_packed, w_scales, w_pts, bias)
     x2, outs = x.flatten(0, -2), []
     if _cublas_scales(alphas, x.dtype, bias):
-        for p, s, b, alpha in zip(w_packed, w_scales, bias, alphas):
-            w = _generated_once(_DEQUANTIZE_TO[x.dtype], p, s)
-            outs.append(_mm_alpha(x2, w, alpha, b).reshape(*x.shape[:-1], -1))
-        return outs
+        return _mm_alpha_each(x2, w_packed, w_scales, bias, alphas, x.shape[:-1])
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
         acc = _generated_once(_dequantize_mm, x2, p, s)
         outs.append(_epilogue(acc, pts, b, x.shape[:-1], x.dtype))

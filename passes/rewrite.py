@@ -316,8 +316,10 @@ def rewrite_linears(
 def _host_alphas(gm: fx.GraphModule, w_pts: list[fx.Node], act_pts: fx.Node | None = None) -> list[float]:
     """The GEMM's alpha per weight as a host float (its ``alphas``): the weight's per-tensor scale, times the static
     activation scale if there is one, multiplied in fp32 as the epilogue does. Reads the get_attr constants."""
-    act = None if act_pts is None else getattr(gm, act_pts.target).float()
-    return [float(getattr(gm, node.target).float() * (1.0 if act is None else act)) for node in w_pts]
+    weights = [getattr(gm, node.target).float() for node in w_pts]
+    if act_pts is not None:
+        weights = [w * getattr(gm, act_pts.target).float() for w in weights]
+    return [float(w) for w in weights]
 
 
 def _alphas_of(gm: fx.GraphModule, gemm: fx.Node) -> list[float]:
