@@ -236,7 +236,7 @@ def cmd_calibrate(args, loaded: Loaded) -> dict:
                         .split(1))
     device = next(loaded.model.parameters()).device
     report = calibrate(loaded.model, [w.to(device) for w in windows], scheme=args.scheme,
-                       static_activation_scale=args.static_activation_scale)
+                       static_activation_scale=args.static_activation_scale, tune_steps=args.tune_steps)
     print(report.summary())
     out = Path(args.out)
     save(loaded.model, out, format=args.format)
@@ -246,7 +246,8 @@ def cmd_calibrate(args, loaded: Loaded) -> dict:
         loaded.tokenizer.save_pretrained(out)
     return {"layers": len(report.layers), "skipped": len(report.skipped), "samples": len(windows),
             "rtn_error": report.rtn_error, "gptq_error": report.gptq_error, "seconds": report.seconds, "out": str(out),
-            "format": args.format}
+            "format": args.format, "blocks_tuned": len(report.tuning),
+            "blocks_tuning_kept": sum(t.kept for t in report.tuning)}
 
 
 def cmd_eval(args, loaded: Loaded) -> dict:
@@ -298,6 +299,8 @@ def parser() -> argparse.ArgumentParser:
                    help="and this many windows the model samples itself, from the first token of --data")
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--static-activation-scale", action="store_true", help="record calibrated activation scales")
+    c.add_argument("--tune-steps", type=int, default=0,
+                   help="after GPTQ, tune each block's codes by its output error for this many steps (0: off)")
     e = sub.add_parser("eval", parents=[common], help="perplexity on a text file")
     e.add_argument("--data", required=True, help="evaluation text file")
     e.add_argument("--scheme", choices=SCHEMES, default="nvfp4", help="'none': the model as it is, eagerly")

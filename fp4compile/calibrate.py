@@ -5,11 +5,13 @@ Sequential by default: the model's repeated blocks (an ``nn.ModuleList`` of one 
 before it; with ``true_sequential``, a block's linears are also quantized group by group (q/k/v, o, gate/up, down),
 each group on the outputs of the already-quantized groups before it. A model without such blocks is calibrated all
 at once. For ``nvfp4``, channel smoothing (``smooth``) first moves activation outliers into the weights, keeping the
-model's function (up to fp32 rounding).
+model's function (up to fp32 rounding). With ``tune_steps``, each block's codes are then tuned by the block's output
+error (``tune``).
 """
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from . import gptq as G
 from .modules import NVFP4Linear, matches_skip
 from .ops import SCHEMES
 from .smooth import SmoothReport, check_alpha, smooth as smooth_channels
+from .tune import BlockTuning, tune_block
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -75,6 +78,7 @@ class CalibrationReport:
     weight_bytes_before: int = 0  # the calibrated layers' weights before ...
     weight_bytes_after: int = 0  # ... and after (packed values, block scales, global scale)
     smoothing: SmoothReport | None = None  # the channel smoothing done first, if any
+    tuning: list[BlockTuning] = field(default_factory=list)  # block output tuning after GPTQ, per block
 
     @property
     def rtn_error(self) -> float:
@@ -94,6 +98,12 @@ class CalibrationReport:
         mode = f"block by block over {self.blocks}" if self.blocks else "all at once"
         if self.smoothing is not None:
             mode += f", {len(self.smoothing.folded)} normalizations smoothed (alpha {self.smoothing.alpha})"
+        if self.tuning:
+            kept = [t for t in self.tuning if t.kept]
+            before = sum(t.error_before for t in self.tuning) / len(self.tuning)
+            after = sum(t.error_after if t.kept else t.error_before for t in self.tuning) / len(self.tuning)
+            mode += (f", {len(kept)} of {len(self.tuning)} blocks tuned (block output error {before:.4g} -> "
+                     f"{after:.4g})")
         return (f"{len(self.layers)} layers calibrated ({self.scheme}, {mode}, {self.samples} samples) in "
                 f"{self.seconds:.1f} s; {len(self.skipped)} skipped; mean relative output error "
                 f"RTN {self.rtn_error:.4g} -> GPTQ {self.gptq_error:.4g}; weights "
@@ -250,6 +260,17 @@ def _next_inputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tup
     return out
 
 
+def _hidden_state(sample: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden state in a block input as ``_next_inputs`` builds it."""
+    args, kwargs = sample
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _relative(block: nn.Module, module: nn.Module) -> str:
+    """The name of ``module`` inside ``block``."""
+    return next(n for n, m in block.named_modules() if m is module)
+
+
 def _groups(block: nn.Module, linears: dict[str, nn.Linear], sample: tuple[tuple, dict]
             ) -> list[tuple[dict[str, nn.Linear], str | None]]:
     """``linears`` (those of ``block``) in groups that read the same input tensor, in the order one forward of
@@ -333,6 +354,8 @@ class _Settings:
     true_sequential: bool
     shrink: float
     refit_rounds: int
+    tune_steps: int
+    tune_alpha: float
 
 
 def _quantize_layers(model: nn.Module, linears: dict[str, nn.Linear], collector: _Collector, s: _Settings,
@@ -379,7 +402,7 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
         inputs = _capture_inputs(model, blocks[0], data, device)
     finally:
         collector.close()
-    fp_inputs = inputs if s.asymmetric else None
+    fp_inputs = inputs if s.asymmetric or s.tune_steps else None
     before = {n: m for n, m in outside.items() if collector.hessian(n) is not None}
     if before:
         _quantize_layers(model, before, collector, s, report, bar)
@@ -387,12 +410,18 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
     report.samples = len(inputs)
     for i, block in enumerate(blocks):
         mine = _inside(block, linears)
+        originals = {_relative(block, lin): lin.weight.detach() for lin in mine.values()}  # for tuning
         groups = _groups(block, mine, inputs[0]) if s.true_sequential else [(mine, None)]
         refs = [{} for _ in inputs]
         if fp_inputs is not None:
             refs, fp_inputs = _reference_inputs(block, mine, fp_inputs)
+        if s.tune_steps:  # where the block's output should be: a blend of the unquantized block's on either input
+            own = [_hidden_state(sample) for sample in _next_inputs(block, inputs)] if s.tune_alpha < 1 else None
+            targets = [_hidden_state(sample) for sample in fp_inputs]
+            if own is not None:
+                targets = [torch.lerp(o, t, s.tune_alpha) for o, t in zip(own, targets)]
         for group, stop_after in groups:
-            collector = _Collector(group, fake_quant, asymmetric=fp_inputs is not None, stop_after=stop_after)
+            collector = _Collector(group, fake_quant, asymmetric=bool(s.asymmetric), stop_after=stop_after)
             try:
                 for (args, kwargs), sample_refs in zip(inputs, refs):
                     collector.refs = sample_refs
@@ -401,6 +430,11 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
             finally:
                 collector.close()
             _quantize_layers(model, group, collector, s, report, bar)
+        if s.tune_steps:
+            bar.set_postfix_str(f"tuning block {i}")
+            quantized = {n: w for n, w in originals.items() if isinstance(block.get_submodule(n), NVFP4Linear)}
+            report.tuning.append(tune_block(f"{report.blocks}.{i}", block, quantized, inputs, targets,
+                                            s.tune_steps, seed=i))
         inputs = _next_inputs(block, inputs) if i + 1 < len(blocks) else []
     return {n: m for n, m in outside.items() if n not in before}
 
@@ -425,7 +459,8 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
               scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
               static_activation_scale: bool = False, asymmetric: float | None = None,
               true_sequential: bool | None = None, shrink: float | None = None, refit_rounds: int = 0,
-              smooth: float | None = None, skip: Iterable[str] = DEFAULT_SKIP, progress: bool = True
+              smooth: float | None = None, tune_steps: int = 0, tune_alpha: float | None = None,
+              skip: Iterable[str] = DEFAULT_SKIP, progress: bool = True
               ) -> CalibrationReport:
     """Quantize ``model``'s eligible linears with GPTQ on ``data`` and replace them, in place, by ``NVFP4Linear``.
 
@@ -464,6 +499,13 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         ``SMOOTH_DEFAULT[scheme]`` (0.7 for "nvfp4", where it cut the perplexity gap on both evaluation texts; off
         for "nvfp4a16", where GPTQ did better without it). The model keeps the changed normalization weights,
         which checkpoints save with the rest.
+    tune_steps: after GPTQ has quantized a block, tune its codes by the block's output error against the
+        unquantized model for this many sign-gradient steps of one sample each (``tune.tune_block``, as AutoRound
+        does; block-by-block calibration only). 0 (the default) turns it off.
+    tune_alpha: the output tuning aims at, per sample, ``lerp(B(x_q), B(x), tune_alpha)``: ``B`` the unquantized
+        block, ``x_q`` its input in the model quantized so far, ``x`` in the unquantized model. 1 aims at the
+        unquantized model's own output; 0 at what the unquantized block makes of the input it actually gets. None:
+        the ``asymmetric`` value, the same blend of targets as GPTQ's.
     skip: fnmatch patterns of module names (full or last component) left in high precision.
     Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
     """
@@ -472,19 +514,27 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     if shrink is not None:
         G.check_shrink(shrink)  # before any calibration work
     G.check_refit_rounds(refit_rounds)
+    if tune_steps < 0:
+        raise ValueError(f"tune_steps must be 0 or more, got {tune_steps}")
+    if tune_alpha is not None:
+        check_alpha(tune_alpha, "tune_alpha")
     if static_activation_scale and scheme != "nvfp4":
         raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
     alpha = SMOOTH_DEFAULT[scheme] if smooth is None else smooth
     check_alpha(alpha, "smooth")
     t0 = time.perf_counter()
+    asymmetric = ASYMMETRIC_DEFAULT[scheme] if asymmetric is None else asymmetric
     s = _Settings(scheme, G.nvfp4_format(scale_search), percdamp, blocksize, act_order,
-                  scale_timing, static_activation_scale,
-                  ASYMMETRIC_DEFAULT[scheme] if asymmetric is None else asymmetric,
+                  scale_timing, static_activation_scale, asymmetric,
                   TRUE_SEQUENTIAL_DEFAULT[scheme] if true_sequential is None else true_sequential,
-                  SHRINK_DEFAULT[scheme] if shrink is None else shrink, refit_rounds)
+                  SHRINK_DEFAULT[scheme] if shrink is None else shrink, refit_rounds, tune_steps,
+                  asymmetric if tune_alpha is None else tune_alpha)
     fake_quant = fake_quant_inputs and scheme == "nvfp4"
     linears, skipped = eligible_linears(model, skip)
     found = find_blocks(model, linears) if sequential else None
+    if tune_steps and found is None:
+        warnings.warn("tune_steps is ignored: output tuning runs block by block, and this calibration runs all at "
+                      "once (sequential=False, or no repeated blocks found)", stacklevel=2)
     device = next(model.parameters()).device
     data = data if found is None and not alpha else list(data)
     report = CalibrationReport(scheme, found[0] if found else None, 0, skipped=skipped)

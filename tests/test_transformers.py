@@ -231,14 +231,15 @@ def test_generated_windows_are_seeded_samples_of_the_model():
 
 
 def test_cli_calibrate_on_text_and_sampled_text(tmp_path):
-    """``--generated`` adds windows the model samples itself to those of the text file."""
+    """``--generated`` adds windows the model samples itself to those of the text file; ``--tune-steps`` tunes
+    each of the two blocks after GPTQ."""
     from fp4compile.__main__ import main
 
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 4)
     summary = main(["calibrate", "--data", str(text), "--out", str(tmp_path / "ckpt"), "--samples", "1",
-                    "--generated", "2", "--seq-len", "32", "--scheme", "nvfp4"])
-    assert summary["samples"] == 3 and summary["layers"] == 14
+                    "--generated", "2", "--seq-len", "32", "--scheme", "nvfp4", "--tune-steps", "4"])
+    assert summary["samples"] == 3 and summary["layers"] == 14 and summary["blocks_tuned"] == 2
 
 
 # ------------------------------------------------------------------------------------------ a real model
