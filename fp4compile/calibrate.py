@@ -459,7 +459,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
               scale_timing: G.ScaleTiming = "upfront", sequential: bool = True, fake_quant_inputs: bool = True,
               static_activation_scale: bool = False, asymmetric: float | None = None,
               true_sequential: bool | None = None, shrink: float | None = None, refit_rounds: int = 0,
-              smooth: float | None = None, tune_steps: int = 0, tune_alpha: float | None = None,
+              smooth: float | None = None, tune_steps: int = 0, tune_alpha: float = 1.0,
               skip: Iterable[str] = DEFAULT_SKIP, progress: bool = True
               ) -> CalibrationReport:
     """Quantize ``model``'s eligible linears with GPTQ on ``data`` and replace them, in place, by ``NVFP4Linear``.
@@ -503,9 +503,10 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
         unquantized model for this many sign-gradient steps of one sample each (``tune.tune_block``, as AutoRound
         does; block-by-block calibration only). 0 (the default) turns it off.
     tune_alpha: the output tuning aims at, per sample, ``lerp(B(x_q), B(x), tune_alpha)``: ``B`` the unquantized
-        block, ``x_q`` its input in the model quantized so far, ``x`` in the unquantized model. 1 aims at the
-        unquantized model's own output; 0 at what the unquantized block makes of the input it actually gets. None:
-        the ``asymmetric`` value, the same blend of targets as GPTQ's.
+        block, ``x_q`` its input in the model quantized so far, ``x`` in the unquantized model. 1 (the default) aims
+        at the unquantized model's own output, which also undoes part of the error of the blocks before; 0 at what
+        the unquantized block makes of the input it actually gets. On SmolLM2-135M (nvfp4a16) 1 and 0.5 (the
+        ``asymmetric`` default) gained about alike, on different texts (tools/QUALITY.md).
     skip: fnmatch patterns of module names (full or last component) left in high precision.
     Linears with ``in_features % 16 != 0`` are skipped too; the report says which and why.
     """
@@ -516,8 +517,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     G.check_refit_rounds(refit_rounds)
     if tune_steps < 0:
         raise ValueError(f"tune_steps must be 0 or more, got {tune_steps}")
-    if tune_alpha is not None:
-        check_alpha(tune_alpha, "tune_alpha")
+    check_alpha(tune_alpha, "tune_alpha")
     if static_activation_scale and scheme != "nvfp4":
         raise ValueError("static_activation_scale needs scheme='nvfp4' (nvfp4a16 does not quantize activations)")
     alpha = SMOOTH_DEFAULT[scheme] if smooth is None else smooth
@@ -527,8 +527,7 @@ def calibrate(model: nn.Module, data: Iterable, *, scheme: str = "nvfp4", percda
     s = _Settings(scheme, G.nvfp4_format(scale_search), percdamp, blocksize, act_order,
                   scale_timing, static_activation_scale, asymmetric,
                   TRUE_SEQUENTIAL_DEFAULT[scheme] if true_sequential is None else true_sequential,
-                  SHRINK_DEFAULT[scheme] if shrink is None else shrink, refit_rounds, tune_steps,
-                  asymmetric if tune_alpha is None else tune_alpha)
+                  SHRINK_DEFAULT[scheme] if shrink is None else shrink, refit_rounds, tune_steps, tune_alpha)
     fake_quant = fake_quant_inputs and scheme == "nvfp4"
     linears, skipped = eligible_linears(model, skip)
     found = find_blocks(model, linears) if sequential else None

@@ -81,11 +81,10 @@ GPTQ_VARIANTS = {
     "gptq-smooth0.5": {"smooth": 0.5},
     "gptq-smooth0.7": {"smooth": 0.7},
     "gptq-smooth0.85": {"smooth": 0.85},
-    # the defaults plus block output tuning (calibrate's tune_steps), aimed at the unquantized model's output
-    "gptq-tune128": {"tune_steps": 128, "tune_alpha": 1.0},
-    "gptq-tune256": {"tune_steps": 256, "tune_alpha": 1.0},
-    "gptq-tune128-blend": {"tune_steps": 128},  # aimed as the asymmetric target
-    "gptq-asym0.2-tune128": {"asymmetric": 0.2, "tune_steps": 128, "tune_alpha": 1.0},
+    "gptq-tune128": {"tune_steps": 128},  # the defaults plus block output tuning (aimed at the unquantized model)
+    "gptq-tune256": {"tune_steps": 256},
+    "gptq-tune128-blend": {"tune_steps": 128, "tune_alpha": 0.5},  # aimed halfway, as nvfp4a16's asymmetric target
+    "gptq-asym0.2-tune128": {"asymmetric": 0.2, "tune_steps": 128},
 }
 
 
