@@ -5,7 +5,8 @@
 The model is a Llama with SmolLM2-135M's shapes (30 layers, hidden 576, intermediate 1536; fp32, random weights)
 from ``tools/bench_e2e.py``, and the data random token windows: GPTQ does the same work whatever the values, so
 the time matches the real model's (``tools/eval_quality.py`` calibrates the real one, on the CPU, for quality).
-Each scheme runs with ``calibrate``'s defaults (and ``--tune-steps``) on a fresh copy; JSON goes to --out, a short table is printed last.
+Each scheme runs with ``calibrate``'s defaults (and ``--tune-steps``) on a fresh copy; JSON goes to --out, a short
+table is printed last.
 """
 
 import argparse
