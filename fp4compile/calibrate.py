@@ -24,7 +24,7 @@ from . import gptq as G
 from .modules import NVFP4Linear, matches_skip
 from .ops import SCHEMES
 from .smooth import SmoothReport, check_alpha, smooth as smooth_channels
-from .tune import BlockTuning, tune_block
+from .tune import BlockTuning, hidden_output, tune_block
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -248,8 +248,7 @@ def _next_inputs(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tup
     """Run ``block`` on each captured input; its output (first element of a tuple) becomes the next input."""
     out = []
     for args, kwargs in inputs:
-        y = block(*args, **kwargs)
-        y = y[0] if isinstance(y, (tuple, list)) else y
+        y = hidden_output(block(*args, **kwargs))
         if args:
             out.append(((y, *args[1:]), kwargs))
         elif "hidden_states" in kwargs:
@@ -264,11 +263,6 @@ def _hidden_state(sample: tuple[tuple, dict]) -> torch.Tensor:
     """The hidden state in a block input as ``_next_inputs`` builds it."""
     args, kwargs = sample
     return args[0] if args else kwargs["hidden_states"]
-
-
-def _relative(block: nn.Module, module: nn.Module) -> str:
-    """The name of ``module`` inside ``block``."""
-    return next(n for n, m in block.named_modules() if m is module)
 
 
 def _groups(block: nn.Module, linears: dict[str, nn.Linear], sample: tuple[tuple, dict]
@@ -410,12 +404,15 @@ def _calibrate_blocks(model, blocks: nn.ModuleList, linears, data, device, fake_
     report.samples = len(inputs)
     for i, block in enumerate(blocks):
         mine = _inside(block, linears)
-        originals = {_relative(block, lin): lin.weight.detach() for lin in mine.values()}  # for tuning
         groups = _groups(block, mine, inputs[0]) if s.true_sequential else [(mine, None)]
         refs = [{} for _ in inputs]
         if fp_inputs is not None:
-            refs, fp_inputs = _reference_inputs(block, mine, fp_inputs)
-        if s.tune_steps:  # where the block's output should be: a blend of the unquantized block's on either input
+            refs, fp_inputs = _reference_inputs(block, mine if s.asymmetric else {}, fp_inputs)
+        if s.tune_steps:
+            # the weights before quantization, by name inside the block (tuning starts from them), and where the
+            # block's output should be: a blend of the unquantized block's on either input
+            ids = {id(lin) for lin in mine.values()}
+            originals = {n: m.weight.detach() for n, m in block.named_modules() if id(m) in ids}
             own = [_hidden_state(sample) for sample in _next_inputs(block, inputs)] if s.tune_alpha < 1 else None
             targets = [_hidden_state(sample) for sample in fp_inputs]
             if own is not None:

@@ -102,14 +102,15 @@ class BlockTuning:
     seconds: float
 
 
-def _hidden(output) -> torch.Tensor:
+def hidden_output(output) -> torch.Tensor:
+    """The hidden state a block returns: the output itself, or the first element of a tuple (transformers layers)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _error(block: nn.Module, sample: tuple[tuple, dict], target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of ``|y - target|^2 / |target|^2``, ``y`` the block's output on ``sample``."""
     args, kwargs = sample
-    y = _hidden(block(*args, **kwargs)).float()
+    y = hidden_output(block(*args, **kwargs)).float()
     t = target.float()
     return (((y - t) ** 2).sum(-1) / (t**2).sum(-1).clamp_min(1e-12)).mean()
 
