@@ -2,28 +2,30 @@
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
-    fp4::gemm(a_packed, a_scales, a_pts, w_packed[], w_scales[], w_pts[], bias?[], out_dtype, alphas?)
-                                                                        -> [[..., N_i]]  (NVFP4 x NVFP4)
+    fp4::gemm(x [..., K], act_pts?, w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
+                                        (NVFP4 x NVFP4: x quantized with the static scale act_pts, or dynamically)
     fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
                                                                           (high precision x NVFP4)
-    fp4::gemm_kernel, fp4::gemm_a16_kernel: the same products, never decomposed
+    fp4::gemm_kernel(a_packed, a_scales, a_pts, w_packed[], w_scales[], w_pts[], bias?[], out_dtype)
+    fp4::quantize_gemm_kernel(x, act_pts?, w_packed[], ...), fp4::gemm_a16_kernel: products never decomposed
     fp4::linear(x, w_packed, w_scales, w_pts, bias?, act_pts?, scheme) -> [..., N]        (a calibrated layer)
 
 A GEMM op takes a list of weights that all multiply its activation (one linear layer, or a group such as
-q/k/v) and returns one output per weight; on CUDA a group runs as one kernel launch. Weights are ``[N, K]`` (K
-contiguous). Packed values and block scales cross every Inductor-visible edge as uint8
-(the bit patterns of e2m1 pairs and e4m3 scales): Inductor's C++ backend cannot read or write float4/float8
-buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
+q/k/v) and returns one output per weight, of the activation's dtype (``gemm_kernel``: ``out_dtype``); on CUDA a
+group runs as one kernel launch. Weights are ``[N, K]`` (K contiguous). Packed values and block scales cross every
+Inductor-visible edge as uint8 (the bit patterns of e2m1 pairs and e4m3 scales): Inductor's C++ backend cannot read
+or write float4/float8 buffers, and a uint8 buffer can be viewed as float4 or float8 by a consumer without a kernel.
 
 For Inductor, ``quantize_act`` decomposes into the amax and the block quantize: on CPU both plain torch, fused with
 the op that produces the activation; on CUDA the amax and the ``quantize_blocks`` Triton kernel, generated once per
 activation shape.
-``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: the kernel op (the CPU reference, or on CUDA the kernels
-up to 128 rows), or on CUDA with more rows an exact dequantize and cuBLAS per weight: given ``alphas``, aten
-``addmm`` that applies the global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a
-fused epilogue. Inductor generates each dequantize once per shape, not once per layer. On CUDA
-the ops' eager implementations dispatch to ``kernels``. A GEMM returns the activation's dtype (``gemm``:
-``out_dtype``).
+``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: on CUDA with one row, ``gemm`` is the GEMV that quantizes
+its activation in registers (``quantize_gemm_kernel``, one launch); otherwise ``gemm`` quantizes (``quantize_act``'s
+decomposition) and then, like ``gemm_a16``, runs the kernel op (the CPU reference, or on CUDA the kernels up to 128
+rows), or on CUDA with more rows an exact dequantize and cuBLAS per weight: given ``alphas``, aten ``addmm`` that
+applies the global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a fused epilogue.
+Inductor generates each dequantize once per shape, not once per layer. On CUDA the ops' eager implementations
+dispatch to ``kernels``.
 """
 
 import torch
@@ -125,26 +127,34 @@ def _reference_gemm_nvfp4(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, 
     return [nvfp4.reference_gemm(a, *w, out_dtype) for w in zip(w_packed, w_scales, w_pts, bias)]
 
 
+def _reference_quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
+    return _reference_gemm_nvfp4(*_quantize_act(x, act_pts), w_packed, w_scales, w_pts, bias, x.dtype)
+
+
 def _reference_gemm_a16(x, w_packed, w_scales, w_pts, bias):
     return [nvfp4.reference_gemm(x, *w, x.dtype) for w in zip(w_packed, w_scales, w_pts, bias)]
 
 
-def _gemm_fake(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
+def _gemm_kernel_fake(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     return [a_packed.new_empty(_out_shape(a_packed.shape[:-1], p), dtype=out_dtype) for p in w_packed]
+
+
+def _gemm_fake(x, act_pts, w_packed, w_scales, w_pts, bias):
+    return [x.new_empty(_out_shape(x.shape[:-1], p)) for p in w_packed]
 
 
 def _gemm_a16_fake(x, w_packed, w_scales, w_pts, bias):
     return [x.new_empty(_out_shape(x.shape[:-1], p)) for p in w_packed]
 
 
-# Each GEMM exists twice with the same meaning: the op the passes emit (fp4::gemm, fp4::gemm_a16), which Inductor
-# decomposes (see _gemm_plan), and the kernel op (fp4::gemm_kernel, fp4::gemm_a16_kernel), which it never does.
+# The GEMMs the passes emit (fp4::gemm, fp4::gemm_a16) Inductor decomposes (see _gemm_plan); the kernel ops
+# (fp4::gemm_kernel on a packed activation, fp4::quantize_gemm_kernel and fp4::gemm_a16_kernel) it never does.
 # The emitted ops also take ``alphas``: each weight's alpha (the product of the global scales) as a host float,
 # where the pass knows it (always for gemm_a16; for gemm with a static activation scale). The large-M plan on CUDA
 # then lets cuBLAS apply it (``_mm_alpha``); without it that plan scales in its own epilogue.
-_GEMM_ARGS = ("(Tensor a_packed, Tensor a_scales, Tensor a_pts, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, "
-              "Tensor?[] bias, ScalarType out_dtype")
-_GEMM_A16_ARGS = "(Tensor x, Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias"
+_WEIGHTS = "Tensor[] w_packed, Tensor[] w_scales, Tensor[] w_pts, Tensor?[] bias"
+_GEMM_ARGS = f"(Tensor x, Tensor? act_pts, {_WEIGHTS}"
+_GEMM_A16_ARGS = f"(Tensor x, {_WEIGHTS}"
 _ALPHAS = ", float[]? alphas=None) -> Tensor[]"
 
 
@@ -154,16 +164,20 @@ def _ignoring_alphas(fn):
     return lambda *args, **kwargs: fn(*args[:arity])
 
 
-gemm = torch.library.custom_op("fp4::gemm", _ignoring_alphas(_reference_gemm_nvfp4), mutates_args=(),
+gemm = torch.library.custom_op("fp4::gemm", _ignoring_alphas(_reference_quantize_gemm), mutates_args=(),
                                schema=_GEMM_ARGS + _ALPHAS)
-gemm_kernel = torch.library.custom_op("fp4::gemm_kernel", _reference_gemm_nvfp4, mutates_args=(),
-                                      schema=_GEMM_ARGS + ") -> Tensor[]")
+gemm_kernel = torch.library.custom_op(
+    "fp4::gemm_kernel", _reference_gemm_nvfp4, mutates_args=(),
+    schema=f"(Tensor a_packed, Tensor a_scales, Tensor a_pts, {_WEIGHTS}, ScalarType out_dtype) -> Tensor[]")
+quantize_gemm_kernel = torch.library.custom_op("fp4::quantize_gemm_kernel", _reference_quantize_gemm,
+                                               mutates_args=(), schema=_GEMM_ARGS + ") -> Tensor[]")
 gemm_a16 = torch.library.custom_op("fp4::gemm_a16", _ignoring_alphas(_reference_gemm_a16), mutates_args=(),
                                    schema=_GEMM_A16_ARGS + _ALPHAS)
 gemm_a16_kernel = torch.library.custom_op("fp4::gemm_a16_kernel", _reference_gemm_a16, mutates_args=(),
                                           schema=_GEMM_A16_ARGS + ") -> Tensor[]")
 gemm.register_fake(_ignoring_alphas(_gemm_fake))
-gemm_kernel.register_fake(_gemm_fake)
+gemm_kernel.register_fake(_gemm_kernel_fake)
+quantize_gemm_kernel.register_fake(_gemm_fake)
 gemm_a16.register_fake(_ignoring_alphas(_gemm_a16_fake))
 gemm_a16_kernel.register_fake(_gemm_a16_fake)
 
@@ -223,9 +237,13 @@ def _dequantize_mm(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tens
     return _mm_f32(a, nvfp4.dequantize_blocks_by_bits(w_packed, w_scales, a.dtype))
 
 
-def _gemm_plan(x: torch.Tensor) -> str:
-    """How Inductor runs a GEMM whose activation (or its packed form) is ``x``:
+def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
+    """How Inductor runs a GEMM whose activation is ``x``; ``quantizes``: an NVFP4 x NVFP4 GEMM (``fp4::gemm``),
+    whose activation is quantized first:
 
+    - "quantizing kernel": ``quantizes`` on CUDA with up to ``kernels.GEMV_MAX_ROWS`` (one) row: the kernel op that
+      takes the high-precision row (the GEMV, which quantizes it in registers, its dynamic per-tensor scale
+      included), so that the quantize is no launch of its own and nothing is written between it and the GEMM;
     - "kernel": the kernel op, an extern call: on CPU the exact reference; on CUDA, up to
       ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMV for one row; for more,
       tensor cores with the weight dequantized in registers: on Hopper the fused Gluon kernel, elsewhere the
@@ -247,7 +265,11 @@ def _gemm_plan(x: torch.Tensor) -> str:
     """
     from . import kernels
 
-    return "dequantize" if x.device.type == "cuda" and _rows(x) > kernels.DIRECT_MAX_ROWS else "kernel"
+    if x.device.type != "cuda":
+        return "kernel"
+    if quantizes and _rows(x) <= kernels.GEMV_MAX_ROWS:
+        return "quantizing kernel"
+    return "dequantize" if _rows(x) > kernels.DIRECT_MAX_ROWS else "kernel"
 
 
 def _cublas_scales(alphas, out_dtype: torch.dtype, bias) -> bool:
@@ -265,17 +287,21 @@ def _mm_alpha_each(a: torch.Tensor, w_packed, w_scales, bias, alphas, lead) -> l
 
 
 @register_decomposition(torch.ops.fp4.gemm.default)
-def _gemm_decomposition(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype, alphas=None):
-    if _gemm_plan(a_packed) == "kernel":
-        return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype)
-    lead, outs = a_packed.shape[:-1], []
-    if _cublas_scales(alphas, out_dtype, bias):
-        a = _generated_once(_DEQUANTIZE_TO[out_dtype], a_packed.flatten(0, -2), a_scales.flatten(0, -2))
+def _gemm_decomposition(x, act_pts, w_packed, w_scales, w_pts, bias, alphas=None):
+    plan = _gemm_plan(x, quantizes=True)
+    if plan == "quantizing kernel":
+        return torch.ops.fp4.quantize_gemm_kernel(x, act_pts, w_packed, w_scales, w_pts, bias)
+    a_packed, a_scales, a_pts = _quantize_act_decomposition(x, act_pts)
+    if plan == "kernel":
+        return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, x.dtype)
+    lead, outs = x.shape[:-1], []
+    if _cublas_scales(alphas, x.dtype, bias):
+        a = _generated_once(_DEQUANTIZE_TO[x.dtype], a_packed.flatten(0, -2), a_scales.flatten(0, -2))
         return _mm_alpha_each(a, w_packed, w_scales, bias, alphas, lead)
     a = _generated_once(_dequantize_bf16, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
     for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
         acc = _generated_once(_dequantize_mm, a, p, s)
-        outs.append(_epilogue(acc, a_pts * pts, b, lead, out_dtype))
+        outs.append(_epilogue(acc, a_pts * pts, b, lead, x.dtype))
     return outs
 
 
@@ -296,8 +322,7 @@ def nvfp4_linear(x, w_packed, w_scales, w_pts, bias, act_pts, scheme: Scheme) ->
     """One quantized linear layer as the backend runs it: activation quantize (``nvfp4`` only), then the GEMM."""
     if scheme == "nvfp4a16":
         return torch.ops.fp4.gemm_a16(x, [w_packed], [w_scales], [w_pts], [bias])[0]
-    a_packed, a_scales, a_pts = torch.ops.fp4.quantize_act(x, act_pts)
-    return torch.ops.fp4.gemm(a_packed, a_scales, a_pts, [w_packed], [w_scales], [w_pts], [bias], x.dtype)[0]
+    return torch.ops.fp4.gemm(x, act_pts, [w_packed], [w_scales], [w_pts], [bias])[0]
 
 
 @torch.library.custom_op("fp4::linear", mutates_args=())
@@ -325,8 +350,9 @@ def _register_cuda_kernels() -> None:
     from . import kernels
 
     quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
-    gemm.register_kernel("cuda")(_ignoring_alphas(kernels.gemm))
+    gemm.register_kernel("cuda")(_ignoring_alphas(kernels.quantize_gemm))
     gemm_kernel.register_kernel("cuda")(kernels.gemm)
+    quantize_gemm_kernel.register_kernel("cuda")(kernels.quantize_gemm)
     gemm_a16.register_kernel("cuda")(_ignoring_alphas(kernels.gemm_a16))
     gemm_a16_kernel.register_kernel("cuda")(kernels.gemm_a16)
 

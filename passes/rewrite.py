@@ -1,16 +1,17 @@
-"""Rewrite each matched linear into NVFP4 activation-quantize + block-scaled GEMM over packed constants.
+"""Rewrite each matched linear into an NVFP4 block-scaled GEMM over packed constants.
 
 Before (``nn.Linear(64, 32)`` on ``x``):
 
     linear = torch._C._nn.linear(l_x_, l_fc_weight, l_fc_bias)
 
-After, scheme ``nvfp4`` (``nvfp4a16`` drops the quantize and calls ``fp4.gemm_a16(x, ...)``):
+After, scheme ``nvfp4`` (``nvfp4a16`` calls ``fp4.gemm_a16(x, ...)``, which does not quantize ``x``):
 
     fc_packed = self.fc_packed;  fc_scales = self.fc_scales;  fc_pts = self.fc_pts      # uint8, uint8, fp32 []
-    fc_act = torch.ops.fp4.quantize_act.default(l_x_, None)                               # dynamic per-tensor scale
-    fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts,
-                                         [fc_packed], [fc_scales], [fc_pts], [l_fc_bias], torch.float32)
+    fc_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fc_packed], [fc_scales], [fc_pts], [l_fc_bias])
     fc_out = fc_gemm[0]
+
+``fp4.gemm`` quantizes its activation to NVFP4 (None: with a dynamic per-tensor scale; a calibrated layer passes
+its static one) and multiplies; ``ops`` decides how the two run (on CUDA at one row, in one kernel).
 
 Linears that read the same activation (a layer's q/k/v or gate/up projections) become one GEMM op whose lists hold
 all their weights (``..._self_attn_q_proj_k_proj_v_proj_gemm``), with one output each; the kernels run it as one launch.
@@ -154,7 +155,6 @@ class _Emitter:
         self.gm, self.fake_mode = gm, fake_mode
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.weights: dict[tuple[fx.Node, bool], list[fx.Node]] = {}  # one set of constants per stored weight
-        self.activations: dict[fx.Node, list[fx.Node]] = {}  # one dynamic quantize per activation (q, k, v)
 
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
         attr = "fp4_" + _safe(name)
@@ -204,24 +204,6 @@ def _static_act_scale(emit: _Emitter, m: Linear, embedded: list[Embedded]):
     return emit.constant(f"{m.name}_act_pts", tensor)
 
 
-def _quantized_activation(g: fx.Graph, emit: _Emitter, m: Linear, x: fx.Node, embedded: list[Embedded], prefix: str):
-    """(packed, scales, pts) nodes of ``m``'s activation ``x``; layers that share an input share a dynamic
-    quantize."""
-    act_pts = _static_act_scale(emit, m, embedded)
-    if act_pts is None and x in emit.activations:
-        return emit.activations[x]
-    q = g.create_node("call_function", torch.ops.fp4.quantize_act.default, (x, act_pts), name=f"{prefix}_act")
-    parts = [g.create_node("call_function", operator.getitem, (q, i), name=f"{prefix}_act_{part}")
-             for i, part in enumerate(("packed", "scales", "pts"))]
-    if act_pts is None:
-        emit.activations[x] = parts
-    return parts
-
-
-def _out_dtype(x: fx.Node) -> torch.dtype:
-    return x.meta.get("val", x.meta.get("example_value")).dtype
-
-
 @dataclass
 class _Layer:
     """A matched linear the pass rewrites: its match, its decision and the scheme it runs."""
@@ -235,8 +217,7 @@ class _Layer:
 
     def group_key(self):
         """Layers with equal keys may share one GEMM launch: same activation and scheme, same K, a bias on all or
-        none (graph inputs, defined before any layer), and for ``nvfp4`` the dynamic activation quantize they share
-        anyway."""
+        none (graph inputs, defined before any layer), and for ``nvfp4`` the same (dynamic) activation scale."""
         m = self.match
         if m.bias is not None and m.bias.op != "placeholder":
             return None
@@ -325,15 +306,14 @@ def _host_alphas(gm: fx.GraphModule, w_pts: list[fx.Node], act_pts: fx.Node | No
 def _alphas_of(gm: fx.GraphModule, gemm: fx.Node) -> list[float]:
     if gemm.target is torch.ops.fp4.gemm_a16.default:
         return _host_alphas(gm, gemm.args[3])
-    quantize = gemm.args[2].args[0]  # a_pts: getitem(fp4.quantize_act(x, act_pts), 2)
-    return _host_alphas(gm, gemm.args[5], quantize.args[1])
+    return _host_alphas(gm, gemm.args[4], gemm.args[1])
 
 
 def refresh_host_alphas(gm: fx.GraphModule) -> bool:
     """Set every GEMM's ``alphas`` to its constants' current values (after ``Embedded.refresh`` rewrote them);
     True when one changed, so that the graph must be compiled again."""
     changed = False
-    for target, index in ((torch.ops.fp4.gemm_a16.default, 5), (torch.ops.fp4.gemm.default, 8)):
+    for target, index in ((torch.ops.fp4.gemm_a16.default, 5), (torch.ops.fp4.gemm.default, 6)):
         for node in gm.graph.find_nodes(op="call_function", target=target):
             if len(node.args) > index and node.args[index] is not None:
                 alphas = _alphas_of(gm, node)
@@ -359,9 +339,8 @@ def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, e
             args = (x, w_packed, w_scales, w_pts, biases, _host_alphas(gm, w_pts))
             gemm = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
         else:
-            a = _quantized_activation(g, emit, first, x, embedded, prefix)
-            act_pts = a[0].args[0].args[1]  # fp4.quantize_act's static scale, or None
-            args = (*a, w_packed, w_scales, w_pts, biases, _out_dtype(first.x))
+            act_pts = _static_act_scale(emit, first, embedded)
+            args = (x, act_pts, w_packed, w_scales, w_pts, biases)
             if act_pts is not None:  # alpha is known: the product of static scales
                 args += (_host_alphas(gm, w_pts, act_pts),)
             gemm = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")

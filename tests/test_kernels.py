@@ -182,6 +182,70 @@ def test_gemv_subnormal_activations(dtype):
     run_case("a16", 1, 32, 64, dtype, False, x=x.to(dtype).to(DEVICE), cast=False)
 
 
+def quantizing_gemv(x, weights, biases, act_pts=None):
+    """``x [1, K]`` through the GEMV that quantizes it in registers, checked for NaN against the reference and,
+    where the reference is finite, bit for bit against the packed path (the Triton activation quantize, then the
+    GEMV) and against fp64 products of the reference's dequantized operands. Returns the outputs."""
+    pts = nvfp4.global_scale_of(x.cpu()) if act_pts is None else act_pts
+    outs = triton_gemm.quantize_gemm_group(x, None if act_pts is None else act_pts.to(DEVICE), weights, biases)
+    packed, scales = kernels.triton_quantize.quantize_blocks(x, pts.to(DEVICE))
+    for i, (w, out) in enumerate(zip(weights, outs)):
+        bias = None if biases is None else biases[i]
+        a64 = nvfp4.fake_quantize(x.cpu(), pts).double()
+        ref = a64 @ dequant64(*w).t() + (0.0 if bias is None else bias.cpu().double())
+        assert out.dtype == x.dtype
+        assert torch.equal(out.cpu().isnan(), ref.isnan()), "NaN where the reference has none, or none where it has"
+        if not ref.isnan().any():
+            unfused = triton_gemm.gemm(packed, scales, pts.to(DEVICE), *w, bias, x.dtype)
+            assert torch.equal(out, unfused), "differs from quantize + GEMV"
+            out32 = triton_gemm.quantize_gemm_group(x, None if act_pts is None else act_pts.to(DEVICE), [w],
+                                                    None if bias is None else [bias],
+                                                    [torch.full(out.shape, float("nan"), device=DEVICE)])[0]
+            check(out32, ref, out, x.dtype)
+    return outs
+
+
+@pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
+@pytest.mark.parametrize(("k", "n", "dtype", "with_bias"), [
+    (16, 16, torch.bfloat16, True), (48, 100, torch.float16, False), (4096 if CUDA else 272, 100, torch.float32, True)],
+    ids=str)
+def test_gemv_quantizes_its_activation(k, n, dtype, with_bias, static):
+    """NVFP4 x NVFP4 at one row from the high-precision activation: the GEMV's own quantize (dynamic: the row's
+    amax; static: a given scale) equals the activation quantize kernel's, so the output equals quantize + GEMV."""
+    x = (torch.randn(1, k) * torch.rand(1, k) * 10).to(dtype).to(DEVICE)
+    bias = [(torch.randn(n) * 3).to(dtype).to(DEVICE)] if with_bias else None
+    quantizing_gemv(x, [random_nvfp4(n, k)], bias, torch.tensor(0.0042) if static else None)
+
+
+def test_gemv_quantize_awkward_activations():
+    """Zeros, tiny, huge, -0 and exact e2m1 ties (with a static scale that maps a block max 6 to 6), a NaN
+    (every output NaN, as the reference) and an all-zero row (per-tensor scale 0, block scales 0/0: NaN, as the
+    reference gives)."""
+    w = [random_nvfp4(32, 96)]
+    x = torch.randn(1, 96) * 4
+    x[0, :16] = 0.0
+    x[0, 16:32] = 1e-30
+    x[0, 32:40] = 1e30
+    x[0, 40] = -0.0
+    quantizing_gemv(x.to(DEVICE), w, None)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    x = torch.cat([ties, -ties] * 6).reshape(1, 96)
+    quantizing_gemv(x.to(DEVICE), w, None, torch.tensor(1 / 448))
+    x[0, 50] = float("nan")
+    assert quantizing_gemv(x.to(DEVICE), w, None)[0].isnan().all()
+    assert quantizing_gemv(torch.zeros(1, 96, device=DEVICE), w, None)[0].isnan().all()
+
+
+@pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
+def test_gemv_quantizes_for_a_group(static):
+    """q/k/v as one launch of the quantizing GEMV (and weight by weight when they cannot form a group)."""
+    x = (torch.randn(1, 48) * 4).bfloat16().to(DEVICE)
+    for shapes in GROUP_SHAPES.values():
+        weights = [random_nvfp4(n, 48) for n in shapes]
+        biases = [(torch.randn(n) * 3).bfloat16().to(DEVICE) for n in shapes]
+        quantizing_gemv(x, weights, biases, torch.tensor(0.01) if static else None)
+
+
 @gpu_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
 @pytest.mark.parametrize("kernel", ("gemv", "mma"))
@@ -203,6 +267,21 @@ def test_every_config(kernel, op):
             launch(*a, [w], None, [out], config=config)
             err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
             assert not out.isnan().any() and err < 2**-7, f"config {config}, M={m}: relative error {err:.2e}"
+
+
+@gpu_only
+@pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
+def test_every_quantizing_gemv_config(static):
+    """Each configuration of the GEMV that quantizes its activation computes the same function."""
+    n, k = 256, 1056
+    w, x = random_nvfp4(n, k), torch.randn(1, k, device=DEVICE).bfloat16()
+    pts = torch.tensor(0.003) if static else nvfp4.global_scale_of(x.cpu())
+    ref = nvfp4.fake_quantize(x.cpu(), pts).double() @ dequant64(*w).t()
+    for config in triton_gemm._GEMV_QUANTIZE_CONFIGS:
+        out = torch.full((1, n), float("nan"), device=DEVICE)
+        triton_gemm.launch_gemv(x, None, pts.to(DEVICE) if static else None, [w], None, [out], config=config,
+                                quantize=True)
+        check(out, ref, out, torch.float32)
 
 
 @gpu_only
@@ -387,11 +466,14 @@ def test_ops_dispatch_leading_dims():
     assert out.shape == (2, 3, 64) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
     a = torch.ops.fp4.quantize_act(x, None)
-    out, = torch.ops.fp4.gemm(*a, *([t] for t in w), [None], torch.float16)
     ref = nvfp4.reference_gemm(nvfp4.dequantize_parts(*(t.cpu() for t in a)), *(t.cpu() for t in w), None,
                                torch.float32).to(DEVICE)
+    out, = torch.ops.fp4.gemm_kernel(*a, *([t] for t in w), [None], torch.float16)
     assert out.shape == (2, 3, 64) and out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref, rtol=2**-9, atol=1e-3)
+    out, = torch.ops.fp4.gemm(x, None, *([t] for t in w), [None])
+    assert out.shape == (2, 3, 64) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
 
 
 def test_gemv_copies_unaligned_rows():

@@ -76,12 +76,8 @@ class GraphModule(torch.nn.Module):
         fp4_fc_packed: "u8[32, 32]" = self.fp4_fc_packed
         fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
         fp4_fc_pts: "f32[]" = self.fp4_fc_pts
-        fc_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
-        fc_act_packed = fc_act[0]
-        fc_act_scales = fc_act[1]
-        fc_act_pts = fc_act[2];  fc_act = None
 
-        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [None], torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = None
+        fc_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [None]);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = None
 
         fc_out = fc_gemm[0];  fc_gemm = None
         return (fc_out,)
@@ -99,12 +95,8 @@ class GraphModule(torch.nn.Module):
         fp4_fc_packed: "u8[32, 32]" = self.fp4_fc_packed
         fp4_fc_scales: "u8[32, 4]" = self.fp4_fc_scales
         fp4_fc_pts: "f32[]" = self.fp4_fc_pts
-        fc_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
-        fc_act_packed = fc_act[0]
-        fc_act_scales = fc_act[1]
-        fc_act_pts = fc_act[2];  fc_act = None
 
-        fc_gemm = torch.ops.fp4.gemm.default(fc_act_packed, fc_act_scales, fc_act_pts, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [l_self_modules_fc_parameters_bias_], torch.float32);  fc_act_packed = fc_act_scales = fc_act_pts = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
+        fc_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_fc_packed], [fp4_fc_scales], [fp4_fc_pts], [l_self_modules_fc_parameters_bias_]);  l_x_ = fp4_fc_packed = fp4_fc_scales = fp4_fc_pts = l_self_modules_fc_parameters_bias_ = None
 
         fc_out = fc_gemm[0];  fc_gemm = None
         return (fc_out,)
@@ -124,12 +116,8 @@ class GraphModule(torch.nn.Module):
         fp4_up_packed: "u8[64, 16]" = self.fp4_up_packed
         fp4_up_scales: "u8[64, 2]" = self.fp4_up_scales
         fp4_up_pts: "f32[]" = self.fp4_up_pts
-        up_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
-        up_act_packed = up_act[0]
-        up_act_scales = up_act[1]
-        up_act_pts = up_act[2];  up_act = None
 
-        up_gemm = torch.ops.fp4.gemm.default(up_act_packed, up_act_scales, up_act_pts, [fp4_up_packed], [fp4_up_scales], [fp4_up_pts], [l_self_modules_up_parameters_bias_], torch.float32);  up_act_packed = up_act_scales = up_act_pts = fp4_up_packed = fp4_up_scales = fp4_up_pts = l_self_modules_up_parameters_bias_ = None
+        up_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_up_packed], [fp4_up_scales], [fp4_up_pts], [l_self_modules_up_parameters_bias_]);  l_x_ = fp4_up_packed = fp4_up_scales = fp4_up_pts = l_self_modules_up_parameters_bias_ = None
 
         up_out = up_gemm[0];  up_gemm = None
 
@@ -138,12 +126,8 @@ class GraphModule(torch.nn.Module):
         fp4_down_packed: "u8[32, 32]" = self.fp4_down_packed
         fp4_down_scales: "u8[32, 4]" = self.fp4_down_scales
         fp4_down_pts: "f32[]" = self.fp4_down_pts
-        down_act = torch.ops.fp4.quantize_act.default(relu, None);  relu = None
-        down_act_packed = down_act[0]
-        down_act_scales = down_act[1]
-        down_act_pts = down_act[2];  down_act = None
 
-        down_gemm = torch.ops.fp4.gemm.default(down_act_packed, down_act_scales, down_act_pts, [fp4_down_packed], [fp4_down_scales], [fp4_down_pts], [l_self_modules_down_parameters_bias_], torch.float32);  down_act_packed = down_act_scales = down_act_pts = fp4_down_packed = fp4_down_scales = fp4_down_pts = l_self_modules_down_parameters_bias_ = None
+        down_gemm = torch.ops.fp4.gemm.default(relu, None, [fp4_down_packed], [fp4_down_scales], [fp4_down_pts], [l_self_modules_down_parameters_bias_]);  relu = fp4_down_packed = fp4_down_scales = fp4_down_pts = l_self_modules_down_parameters_bias_ = None
 
         down_out = down_gemm[0];  down_gemm = None
         return (down_out,)
@@ -164,26 +148,22 @@ class GraphModule(torch.nn.Module):
         fp4_q_packed: "u8[32, 16]" = self.fp4_q_packed
         fp4_q_scales: "u8[32, 2]" = self.fp4_q_scales
         fp4_q_pts: "f32[]" = self.fp4_q_pts
-        q_act = torch.ops.fp4.quantize_act.default(l_x_, None);  l_x_ = None
-        q_act_packed = q_act[0]
-        q_act_scales = q_act[1]
-        q_act_pts = q_act[2];  q_act = None
 
-        q_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, [fp4_q_packed], [fp4_q_scales], [fp4_q_pts], [None], torch.float32);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
+        q_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_q_packed], [fp4_q_scales], [fp4_q_pts], [None]);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
 
         q_out = q_gemm[0];  q_gemm = None
         fp4_k_packed: "u8[16, 16]" = self.fp4_k_packed
         fp4_k_scales: "u8[16, 2]" = self.fp4_k_scales
         fp4_k_pts: "f32[]" = self.fp4_k_pts
 
-        k_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, [fp4_k_packed], [fp4_k_scales], [fp4_k_pts], [None], torch.float32);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
+        k_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_k_packed], [fp4_k_scales], [fp4_k_pts], [None]);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
 
         k_out = k_gemm[0];  k_gemm = None
         fp4_v_packed: "u8[16, 16]" = self.fp4_v_packed
         fp4_v_scales: "u8[16, 2]" = self.fp4_v_scales
         fp4_v_pts: "f32[]" = self.fp4_v_pts
 
-        v_gemm = torch.ops.fp4.gemm.default(q_act_packed, q_act_scales, q_act_pts, [fp4_v_packed], [fp4_v_scales], [fp4_v_pts], [l_self_modules_v_parameters_bias_], torch.float32);  q_act_packed = q_act_scales = q_act_pts = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
+        v_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_v_packed], [fp4_v_scales], [fp4_v_pts], [l_self_modules_v_parameters_bias_]);  l_x_ = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
 
         v_out = v_gemm[0];  v_gemm = None
         return (q_out, k_out, v_out)
@@ -275,12 +255,8 @@ class GraphModule(torch.nn.Module):
         fp4_weight_packed: "u8[48, 16]" = self.fp4_weight_packed
         fp4_weight_scales: "u8[48, 2]" = self.fp4_weight_scales
         fp4_weight_pts: "f32[]" = self.fp4_weight_pts
-        weight_act = torch.ops.fp4.quantize_act.default(view, None);  view = None
-        weight_act_packed = weight_act[0]
-        weight_act_scales = weight_act[1]
-        weight_act_pts = weight_act[2];  weight_act = None
 
-        weight_gemm = torch.ops.fp4.gemm.default(weight_act_packed, weight_act_scales, weight_act_pts, [fp4_weight_packed], [fp4_weight_scales], [fp4_weight_pts], [l_self_parameters_bias_], torch.float32);  weight_act_packed = weight_act_scales = weight_act_pts = fp4_weight_packed = fp4_weight_scales = fp4_weight_pts = l_self_parameters_bias_ = None
+        weight_gemm = torch.ops.fp4.gemm.default(view, None, [fp4_weight_packed], [fp4_weight_scales], [fp4_weight_pts], [l_self_parameters_bias_]);  view = fp4_weight_packed = fp4_weight_scales = fp4_weight_pts = l_self_parameters_bias_ = None
 
         weight_out = weight_gemm[0];  weight_gemm = None
 
@@ -338,12 +314,8 @@ class GraphModule(torch.nn.Module):
         fp4_0_packed: "u8[32, 32]" = self.fp4_0_packed
         fp4_0_scales: "u8[32, 4]" = self.fp4_0_scales
         fp4_0_pts: "f32[]" = self.fp4_0_pts
-        _0_act = torch.ops.fp4.quantize_act.default(l_args_0_, None);  l_args_0_ = None
-        _0_act_packed = _0_act[0]
-        _0_act_scales = _0_act[1]
-        _0_act_pts = _0_act[2];  _0_act = None
 
-        _0_gemm = torch.ops.fp4.gemm.default(_0_act_packed, _0_act_scales, _0_act_pts, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [l_fn_modules_0_parameters_bias_], torch.float32);  _0_act_packed = _0_act_scales = _0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
+        _0_gemm = torch.ops.fp4.gemm.default(l_args_0_, None, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [l_fn_modules_0_parameters_bias_]);  l_args_0_ = fp4_0_packed = fp4_0_scales = fp4_0_pts = l_fn_modules_0_parameters_bias_ = None
 
         _0_out = _0_gemm[0];  _0_gemm = None
         return (_0_out,)
@@ -369,12 +341,8 @@ class GraphModule(torch.nn.Module):
         fp4_0_scales: "u8[32, 4]" = self.fp4_0_scales
         fp4_0_pts: "f32[]" = self.fp4_0_pts
         fp4_0_act_pts: "f32[]" = self.fp4_0_act_pts
-        _0_act = torch.ops.fp4.quantize_act.default(l_args_0_, fp4_0_act_pts);  l_args_0_ = fp4_0_act_pts = None
-        _0_act_packed = _0_act[0]
-        _0_act_scales = _0_act[1]
-        _0_act_pts = _0_act[2];  _0_act = None
 
-        _0_gemm = torch.ops.fp4.gemm.default(_0_act_packed, _0_act_scales, _0_act_pts, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [None], torch.float32, [0.0010000000474974513]);  _0_act_packed = _0_act_scales = _0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = None
+        _0_gemm = torch.ops.fp4.gemm.default(l_args_0_, fp4_0_act_pts, [fp4_0_packed], [fp4_0_scales], [fp4_0_pts], [None], [0.0010000000474974513]);  l_args_0_ = fp4_0_act_pts = fp4_0_packed = fp4_0_scales = fp4_0_pts = None
 
         _0_out = _0_gemm[0];  _0_gemm = None
         return (_0_out,)

@@ -6,7 +6,9 @@ On a CUDA machine it runs on the GPU; elsewhere on CPU tensors under Triton's in
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+import triton.language as tl  # noqa: E402
 
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.kernels import triton_quantize  # noqa: E402
@@ -58,3 +60,39 @@ def test_nan_gives_nan_scales_and_no_crash():
     x[0, 5] = float("nan")
     packed, scales = triton_quantize.quantize_blocks(x.to(DEVICE), torch.tensor(0.01, device=DEVICE))
     assert scales[0, 0].item() == 0x7F and scales[1].ne(0x7F).all()
+
+
+def test_zero_tensor_gets_nan_scales_as_the_reference():
+    """An all-zero tensor's dynamic scale is 0, so each block scale is 0 / 0: NaN in the reference (torchao's
+    arithmetic); the kernel gives the e4m3 NaN too (the reference's sign bit may differ: 0xFF on x86)."""
+    x = torch.zeros(2, 32)
+    _, scales = triton_quantize.quantize_blocks(x.to(DEVICE), nvfp4.global_scale_of(x).to(DEVICE))
+    _, ref = nvfp4.quantize_blocks(x, nvfp4.global_scale_of(x))
+    assert ref.float().isnan().all() and (scales.cpu() == 0x7F).all()
+
+
+@triton.jit
+def _values_kernel(x_ptr, pts_ptr, out_ptr, GROUPS: tl.constexpr):
+    offs = tl.arange(0, GROUPS * 16)
+    xb = tl.reshape(tl.load(x_ptr + offs), (GROUPS, 16))
+    tl.store(out_ptr + offs, tl.reshape(triton_quantize.quantized_values(xb, tl.load(pts_ptr)), (GROUPS * 16,)))
+
+
+@pytest.mark.parametrize("pts", [None, 1 / 448, 1.0, 1e-12], ids=str)
+def test_quantized_values_are_the_reference_values(pts):
+    """``quantized_values`` (the GEMV's in-register quantize) gives ``e2m1 * S_b`` of the reference bit for bit: every
+    e2m1 boundary and tie, values just beside them, zeros of both signs, tiny, huge, inf and NaN elements."""
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    near = torch.cat([ties, ties.nextafter(torch.tensor(0.0)), ties.nextafter(torch.tensor(9.0))])
+    x = torch.cat([near, -near, torch.randn(64) * 3, torch.tensor([0.0, -0.0, 1e-30, -1e30, 7.0, -6.5, 1e-45, 3.0]),
+                   torch.randn(8) * 1e-3]).reshape(1, 128)
+    x = torch.cat([x, x.clone()])
+    x[1, 100], x[1, 120] = float("inf"), float("nan")
+    x = x.flatten()  # 16 blocks: a power of two, as tl.arange wants
+    pts = nvfp4.global_scale_of(x[:128]) if pts is None else torch.tensor(pts)
+    out = torch.empty_like(x, device=DEVICE)
+    _values_kernel[(1,)](x.to(DEVICE), pts.to(DEVICE), out, GROUPS=x.numel() // 16)
+    q = nvfp4.quantize(x.reshape(1, -1), pts)
+    expect = nvfp4.dequantize_parts(q.packed, q.scales, None).flatten()
+    assert torch.equal(out.cpu().isnan(), expect.isnan())
+    assert torch.equal(out.cpu().nan_to_num(), expect.nan_to_num()), "values differ from the reference's"

@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 tools/bench_gemm.py [--out bench.json] [--shapes 4096x4096,...] [--ms 1,16,...]
 
 For each weight shape (N, K) and batch M: the median time (triton.testing.do_bench, L2 flushed between runs) of
-cuBLAS bf16 ``F.linear``, fp4compile nvfp4a16 (``torch.ops.fp4.gemm_a16``) and nvfp4 (activation quantize then
-``torch.ops.fp4.gemm``), both under torch.compile as the backend runs them, the quantize alone, the
+cuBLAS bf16 ``F.linear``, fp4compile nvfp4a16 (``torch.ops.fp4.gemm_a16``) and nvfp4 (``torch.ops.fp4.gemm``, which
+quantizes its activation), both under torch.compile as the backend runs them, the quantize alone, the
 ratios to bf16 and the floors (bytes over the measured copy bandwidth, FLOPs over the measured bf16 rate). At
 decode sizes and M=128 it also times CUDA-graph replays over enough weight copies to miss L2. Each fp4 result is checked
 against an fp32 product of the dequantized operands. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
@@ -138,9 +138,8 @@ def main() -> None:
     # The GEMMs as the fp4 backend runs them: Inductor compiles the ops' decompositions (the kernels up to 128 rows,
     # dequantize + cuBLAS above), with the weights as inputs; nvfp4a16's global scale also as the host float the
     # backend's pass gives (cuBLAS's alpha above 128 rows).
-    w4a4_compiled = torch.compile(
-        lambda x, p, s, t: torch.ops.fp4.gemm(*torch.ops.fp4.quantize_act(x, None), [p], [s], [t], [None],
-                                              torch.bfloat16)[0], dynamic=False)
+    w4a4_compiled = torch.compile(lambda x, p, s, t: torch.ops.fp4.gemm(x, None, [p], [s], [t], [None])[0],
+                                  dynamic=False)
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     result.update(ceilings())

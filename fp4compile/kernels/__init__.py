@@ -25,6 +25,7 @@ from .. import format as nvfp4
 
 log = logging.getLogger(__name__)
 
+GEMV_MAX_ROWS = 1  # the GEMV's rows; it can also quantize an NVFP4 activation itself (ops._gemm_plan)
 DIRECT_MAX_ROWS = 128  # compiled GEMMs with at most this many rows call the kernels (ops._gemm_plan)
 FUSED_MAX_ROWS = 2048  # Hopper: the fused kernel's rows (its version 14 form tied dequantize + cuBLAS at 2048)
 FUSED_K_MULTIPLE = 256  # the fused kernel's K: scale rows 16-byte aligned, whole 64-element steps
@@ -164,6 +165,33 @@ def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
     weights = [(p, s.view(torch.uint8), t) for p, s, t in zip(w_packed, w_scales, w_pts)]
     outs = triton_gemm.gemm_group(a2, s2, a_pts, weights, bias, out_dtype)
     return [out.reshape(*lead, -1) for out in outs]
+
+
+def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
+    """NVFP4 x NVFP4 on CUDA from the high-precision activation ``x [..., K]``: x quantized with the static
+    per-tensor scale ``act_pts`` (or its own, dynamic, when None), times each weight of the lists (as for
+    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. One row runs the GEMV that quantizes in registers,
+    one launch; more rows, Blackwell (``torch._scaled_mm``) and inputs the GEMV cannot take quantize first and
+    then run :func:`gemm`."""
+    nvfp4.check_quantizable(x)
+    lead = x.shape[:-1]
+    reason = _weights_problem(x.device, (x, act_pts), w_packed, w_scales, w_pts, bias)
+    mismatch = next((p for p in w_packed if x.shape[-1] != p.shape[-1] * 2), None)
+    if reason is None and mismatch is not None:
+        reason = f"activation K={x.shape[-1]} does not match the weight's K={mismatch.shape[-1] * 2}"
+    if reason is None and act_pts is not None and act_pts.numel() != 1:
+        reason = f"the activation's global scale must have one element, got shape {tuple(act_pts.shape)}"
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return [x.new_empty((*lead, p.shape[0])) for p in w_packed]
+    if reason is not None or x2.shape[0] > GEMV_MAX_ROWS or _family(_device_index(x.device))[0] == "blackwell":
+        pts = nvfp4.global_scale_of(x) if act_pts is None else act_pts.float().reshape(())
+        a_packed, a_scales = quantize_blocks(x, pts)
+        return gemm(a_packed, a_scales, pts, w_packed, w_scales, w_pts, bias, x.dtype)
+    from . import triton_gemm
+
+    weights = [(p, s.view(torch.uint8), t) for p, s, t in zip(w_packed, w_scales, w_pts)]
+    return [out.reshape(*lead, -1) for out in triton_gemm.quantize_gemm_group(x2, act_pts, weights, bias)]
 
 
 def gemm_a16(x, w_packed, w_scales, w_pts, bias):

@@ -17,8 +17,9 @@ as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 an
 Triton version.
 
 Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block scale applied once per 16
-products); ``_mma_kernel`` up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers
-as the MMA's left operand, K split across programs); above that ``_dequant_kernel`` writes the exact
+products; for NVFP4 activations it can also take the high-precision row and quantize it itself); ``_mma_kernel``
+up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers as the MMA's left operand, K
+split across programs); above that ``_dequant_kernel`` writes the exact
 ``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel``
 applies the global scales, bias and cast. On Hopper, 2 to ``FUSED_MAX_ROWS`` rows with K a multiple of 256 go to
 the fused Gluon kernel of ``gluon_gemm`` instead (``kernels.fused_problem``). Configurations come from short
@@ -37,15 +38,17 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from . import DIRECT_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem
+from . import DIRECT_MAX_ROWS, GEMV_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem, triton_quantize
 
-GEMV_MAX_M = 1  # M == 1: _gemv_kernel; more: the fused kernel (Hopper), _mma_kernel or dequantize + cuBLAS
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
+_ROW_BLOCK = tl.constexpr(4096)  # activation elements a step of the GEMV's amax pass (32 a thread at 4 warps)
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
 # GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of a 36-config H200 sweep (KERNEL_NOTES.md, version 8).
 _GEMV_CONFIGS = [(16, 1024, 4), (8, 1024, 2), (8, 1024, 4), (16, 512, 4)]
+# The GEMV that quantizes its activation: the best four of 7 configs on the H200 (KERNEL_NOTES.md, version 22).
+_GEMV_QUANTIZE_CONFIGS = [(16, 1024, 4), (16, 512, 4), (32, 512, 4), (32, 1024, 8)]
 # Small tiles for the CPU interpreter, where the number of programs dominates the run time.
 _INTERPRET_GEMV = (16, 64, 4)
 _INTERPRET_MMA = (16, 16, 64, 2, 4, 1, False)
@@ -373,15 +376,35 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_
 
 
 @triton.jit
-def _gemv_step(acc, p, s, a, a_s, A_FP4: tl.constexpr, PTX: tl.constexpr):
+def _gemv_step(acc, p, s, a, a_s, a_pts, A_FP4: tl.constexpr, QUANTIZE: tl.constexpr, PTX: tl.constexpr):
     """``acc`` [BLOCK_N, G] plus one K step of ``_gemv_kernel``: weight words ``p`` [BLOCK_N, W] with block scales
     ``s`` [BLOCK_N, G] (W = 2G) times the activation ``a``, ``a_s`` of ``_gemv_loads``, each block's products summed
-    first and its scale applied once."""
+    first and its scale applied once. With ``QUANTIZE`` the activation's values are replaced by their NVFP4 values
+    for the per-tensor scale ``a_pts`` first."""
     if A_FP4:
         a = _e2m1_word_to_f32(a, PTX) * _e4m3_to_f16(a_s, PTX).to(tl.float32)[:, None]
+    if QUANTIZE:
+        G: tl.constexpr = acc.shape[1]
+        a = tl.reshape(triton_quantize.quantized_values(tl.reshape(a, (G, 16)), a_pts), (2 * G, 8))
     word_sums = tl.sum(_e2m1_word_to_f32(p, PTX) * a[None], axis=2)
     block_sums = tl.sum(tl.reshape(word_sums, (acc.shape[0], acc.shape[1], 2)), axis=2)
     return acc + block_sums * _e4m3_to_f16(s, PTX).to(tl.float32)
+
+
+@triton.jit
+def _row_global_scale(a_ptr, K, BLOCK: tl.constexpr):
+    """The dynamic per-tensor scale of one activation row, ``format.global_scale_of``: amax(|a|) / 2688, correctly
+    rounded; NaN if the row holds a NaN (``tl.max`` would drop it). ``BLOCK`` elements a step, all loads of a step
+    issued at once: each step waits for its loads."""
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    nan = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(a))
+        nan = nan | (a != a).to(tl.int32)
+    pts = tl.math.div_rn(tl.max(amax, axis=0), 2688.0)
+    return tl.where(tl.max(nan, axis=0) > 0, float("nan"), pts)
 
 
 @triton.jit
@@ -393,7 +416,8 @@ def _gemv_kernel(
     # strides (of packed weight rows and of scale rows, in bytes; the activation row is contiguous)
     stride_wn, stride_wsn,
     # meta-parameters
-    A_FP4: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_FP4: tl.constexpr, QUANTIZE: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """M == 1: BLOCK_N output elements per program, on the CUDA cores.
 
@@ -412,6 +436,12 @@ def _gemv_kernel(
     2**-133, so each product fits 10 (13) bits no finer than 2**-140, within fp32's 2**-149. An NVFP4
     activation is unpacked like the weight and multiplied by its block scale (``e2m1 * 2**-6 * S_a``, exact);
     alpha takes each 2**-6 back.
+
+    ``QUANTIZE``: the activation comes in high precision and each program quantizes it to NVFP4 in registers as
+    it goes (``triton_quantize.quantized_values``, bit for bit the activation quantize's values ``e2m1 * S_a``,
+    6 significant bits, so the products stay exact), with the per-tensor scale ``a_pts_ptr`` (static) or, when
+    that is None, the row's own (``_row_global_scale``, a first pass over the row, which every program makes).
+    This is the quantize and the GEMM in one launch: nothing is written between them.
     """
     G: tl.constexpr = BLOCK_K // 16
     member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
@@ -423,15 +453,20 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K, stride_wn, stride_wsn,
                                A_FP4, BLOCK_K)
+    a_pts = 1.0
+    if QUANTIZE:
+        a_pts = _row_global_scale(a_ptr, K, _ROW_BLOCK) if a_pts_ptr is None else tl.load(a_pts_ptr)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         p_step, s_step, a_step, a_s_step = p, s, a, a_s
         p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_wn,
                                    stride_wsn, A_FP4, BLOCK_K)
-        acc = _gemv_step(acc, p_step, s_step, a_step, a_s_step, A_FP4, PTX)
+        acc = _gemv_step(acc, p_step, s_step, a_step, a_s_step, a_pts, A_FP4, QUANTIZE, PTX)
 
     alpha = tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT
     if A_FP4:
         alpha = alpha * tl.load(a_pts_ptr) * _UNPACK_SHIFT
+    if QUANTIZE:
+        alpha = alpha * a_pts
     out = tl.sum(acc, axis=1) * alpha
     if bias_ptrs is not None:
         out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
@@ -578,8 +613,10 @@ def _columns(weights):
     return tuple(zip(*weights))
 
 
-def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None):
-    """Run ``_gemv_kernel`` (M == 1) into ``outs`` (one [1, N_i] per weight); arguments as for :func:`launch_mma`."""
+def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize=False):
+    """Run ``_gemv_kernel`` (M == 1) into ``outs`` (one [1, N_i] per weight); arguments as for :func:`launch_mma`.
+    ``quantize``: ``a`` is high precision and the kernel quantizes it to NVFP4 with the static per-tensor scale
+    ``a_pts``, or its own when ``a_pts`` is None."""
     k = weights[0][0].shape[1] * 2
     w_packed, w_scales, w_pts = _columns(weights)
     a_fp4 = a_scales is not None
@@ -589,6 +626,8 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None):
         a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
     if a_fp4 and a_scales.stride(1) != 1:
         a_scales = a_scales.contiguous()
+    if quantize and a_pts is not None:
+        a_pts = a_pts.float().reshape(())
     ends = _ends(weights)
 
     def run(cfg):
@@ -597,15 +636,15 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None):
             a, a_scales, a_pts, w_packed, w_scales, w_pts, None if biases is None else tuple(biases), tuple(outs),
             ends, k,
             w_packed[0].stride(0), w_scales[0].stride(0),
-            A_FP4=a_fp4, PTX=_ptx(a.device), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            A_FP4=a_fp4, QUANTIZE=quantize, PTX=_ptx(a.device), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
 
     if config is None:
         if knobs.runtime.interpret:
             config = _INTERPRET_GEMV
         else:
-            key = ("gemv", a_fp4, a.dtype, outs[0].dtype, biases is not None, ends, k)
-            config = _choose(key, _GEMV_CONFIGS, run)
+            key = ("gemv", a_fp4, quantize, a_pts is None, a.dtype, outs[0].dtype, biases is not None, ends, k)
+            config = _choose(key, _GEMV_QUANTIZE_CONFIGS if quantize else _GEMV_CONFIGS, run)
     run(config)
     return outs
 
@@ -715,7 +754,7 @@ def launch_cublas(a, a_scales, a_pts, weights, biases, outs):
     return outs
 
 
-def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs):
+def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False):
     m = a.shape[0]
     if outs is None:
         outs = [torch.empty((m, packed.shape[0]), device=a.device, dtype=out_dtype) for packed, _, _ in weights]
@@ -723,12 +762,14 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs):
         biases = None
     if group_problem(weights, biases) is not None:  # one launch per weight
         for i, w in enumerate(weights):
-            _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]])
+            _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]], quantize)
         return list(outs)
     k = weights[0][0].shape[1] * 2
-    if m <= GEMV_MAX_M:
-        launch = launch_gemv
-    elif fused_problem(a.device, m, k) is None:
+    if m <= GEMV_MAX_ROWS:
+        return list(launch_gemv(a, a_scales, a_pts, weights, biases, outs, quantize=quantize))
+    if quantize:
+        raise ValueError(f"only the GEMV quantizes its activation itself (M <= {GEMV_MAX_ROWS}), got M={m}")
+    if fused_problem(a.device, m, k) is None:
         from . import gluon_gemm
 
         launch = gluon_gemm.launch
@@ -748,6 +789,13 @@ def gemm_a16_group(x, weights, biases, out_dtype=None, outs=None):
 def gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs=None):
     """``dequant(a) @ dequant(w).T + bias`` for packed NVFP4 ``a [M, K/2]`` and each of ``weights``."""
     return _launch(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs)
+
+
+def quantize_gemm_group(x, act_pts, weights, biases, outs=None):
+    """``quantize(x) @ dequant(w).T + bias`` for one high-precision row ``x [1, K]`` and each of ``weights``, the
+    quantize done by the GEMV in registers: with the static per-tensor scale ``act_pts``, or the row's own when it
+    is None. Returns ``[1, N_i]`` of x's dtype."""
+    return _launch(x, None, act_pts, weights, biases, x.dtype, outs, quantize=True)
 
 
 def gemm_a16(x, w_packed, w_scales, w_pts, bias, out_dtype=None, out=None):

@@ -27,6 +27,60 @@ def _e2m1_magnitude(a):
 
 
 @triton.jit
+def block_scales(xb, pts):
+    """fp32 blocks ``xb`` [..., G, 16] and the per-tensor scale -> (S_b as fp32, S_b's e4m3 bits), both [..., G].
+
+    A block holding a NaN gets the NaN scale, as in torch (``tl.max`` drops NaN, so it is flagged apart), and so
+    does a NaN quotient (0 / 0 when ``pts`` is 0: an all-zero tensor's dynamic scale); the others are clamped, then
+    rounded to e4m3 on the fp32 bits. The NaN is set after the rounding: on the GPU a quotient's NaN is 0x7FFFFFFF,
+    whose rounding would carry into the sign bit."""
+    has_nan = tl.max((xb != xb).to(tl.int32), axis=-1) > 0
+    s = tl.math.div_rn(tl.math.div_rn(tl.max(tl.abs(xb), axis=-1), 6.0), pts)
+    is_nan = has_nan | (s != s)
+    bits = tl.clamp(s, 0.015625, 448.0).to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    nan = tl.full(s.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
+    s_code = ((((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)).to(tl.uint8)
+    return tl.where(is_nan, nan, bits.to(tl.float32, bitcast=True)), tl.where(is_nan, 0x7F, s_code)  # e4m3 NaN: 0x7F
+
+
+@triton.jit
+def e2m1_codes(xb, s, pts):
+    """Blocks ``xb`` [..., G, 16] with their scales ``s`` [..., G] -> e2m1 codes (uint8, sign in bit 3): multiply
+    by the reciprocal, clamp, round onto the e2m1 grid, keep the sign bit (-0 included)."""
+    recip = tl.math.div_rn(tl.math.div_rn(1.0, pts), s)
+    y = tl.clamp(xb * tl.expand_dims(recip, -1), -6.0, 6.0,
+                 propagate_nan=tl.PropagateNan.ALL)
+    sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
+    return _e2m1_magnitude(tl.abs(y)) | sign
+
+
+@triton.jit
+def _e2m1_round(a):
+    """|y| in [0, 6] -> the nearest e2m1 magnitude as fp32, ties to even, in four operations: ``(a + c) - c``
+    rounds ``a`` to a multiple of the spacing of ``c``'s floats, by fp32's own round-to-nearest-even, and ``c`` =
+    1.5 * 2**22, 2**23 or 2**24 has spacing 0.5, 1 or 2: e2m1's spacing below 2, below 4 and up to 6. Equal to the
+    value of :func:`_e2m1_magnitude`'s code for every such ``a`` (tested)."""
+    c = tl.where(a < 2.0, 6291456.0, tl.where(a < 4.0, 12582912.0, 25165824.0))
+    return (a + c) - c
+
+
+@triton.jit
+def quantized_values(xb, pts):
+    """Blocks ``xb`` [..., G, 16] -> their NVFP4 values without the per-tensor scale, ``e2m1 * S_b``, as fp32 (exact:
+    at most 6 significant bits), as :func:`e2m1_codes` would give them but with fewer operations. NaN handling
+    rides on the scale: a block with a NaN has the NaN scale, so all its values are NaN, as in the reference, while
+    an element's NaN ``y`` (only possible then) is clamped to 6 by ``tl.minimum``, which drops NaN."""
+    s, _ = block_scales(xb, pts)
+    recip = tl.math.div_rn(tl.math.div_rn(1.0, pts), s)
+    y = xb * tl.expand_dims(recip, -1)
+    magnitude = _e2m1_round(tl.minimum(tl.abs(y), 6.0))
+    sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+    value = (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return value * tl.expand_dims(s, -1)
+
+
+@triton.jit
 def _quantize_kernel(
     # pointers
     x_ptr, pts_ptr, packed_ptr, scales_ptr,
@@ -45,24 +99,8 @@ def _quantize_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
     xb = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS, 16))
     pts = tl.load(pts_ptr)
-
-    # Block scales: a block holding a NaN gets the NaN scale, as in torch (tl.max drops NaN, so flag it apart);
-    # the others are clamped, then rounded to e4m3 on the fp32 bits.
-    has_nan = tl.max((xb != xb).to(tl.int32), axis=2) > 0
-    s = tl.math.div_rn(tl.math.div_rn(tl.max(tl.abs(xb), axis=2), 6.0), pts)
-    nan = tl.full(s.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
-    s = tl.where(has_nan, nan, tl.clamp(s, 0.015625, 448.0, propagate_nan=tl.PropagateNan.ALL))
-    bits = s.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-    s = bits.to(tl.float32, bitcast=True)
-    s_code = ((((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)).to(tl.uint8)
-    s_code = tl.where(s != s, 0x7F, s_code)  # the e4m3 NaN
-
-    # Elements: multiply by the reciprocal, clamp, round onto the e2m1 grid, keep the sign bit (-0 included).
-    recip = tl.math.div_rn(tl.math.div_rn(1.0, pts), s)
-    y = tl.clamp(xb * recip[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
-    codes = tl.reshape(_e2m1_magnitude(tl.abs(y)) | sign, (BLOCK_M, BLOCK_K // 2, 2))
+    s, s_code = block_scales(xb, pts)
+    codes = tl.reshape(e2m1_codes(xb, s, pts), (BLOCK_M, BLOCK_K // 2, 2))
     even, odd = tl.split(codes)
     packed = even | (odd << 4)
 
