@@ -11,7 +11,9 @@ After, scheme ``nvfp4`` (``nvfp4a16`` calls ``fp4.gemm_a16(x, ...)``, which does
     fc_out = fc_gemm[0]
 
 ``fp4.gemm`` quantizes its activation to NVFP4 (None: with a dynamic per-tensor scale; a calibrated layer passes
-its static one) and multiplies; ``ops`` decides how the two run (on CUDA at one row, in one kernel).
+its static one) and multiplies; ``ops`` decides how the two run (on CUDA at one row, in one kernel). Where several
+GEMM ops quantize one activation dynamically, its scale is computed once (``format.global_scale_of``) and passed
+to each.
 
 Linears that read the same activation (a layer's q/k/v or gate/up projections) become one GEMM op whose lists hold
 all their weights (``..._self_attn_q_proj_k_proj_v_proj_gemm``), with one output each; the kernels run it as one launch.
@@ -22,6 +24,7 @@ the call from them) and tell the backend at run time whether a parameter was rep
 
 import operator
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -155,6 +158,7 @@ class _Emitter:
         self.gm, self.fake_mode = gm, fake_mode
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.weights: dict[tuple[fx.Node, bool], list[fx.Node]] = {}  # one set of constants per stored weight
+        self.shared_scales: dict[fx.Node, fx.Node | None] = {}  # activation -> its dynamic scale, where ops share it
 
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
         attr = "fp4_" + _safe(name)
@@ -215,13 +219,19 @@ class _Layer:
     def scheme(self) -> str:
         return self.decision.scheme
 
+    @property
+    def dynamic_scale(self) -> bool:
+        """Whether its activation is quantized with a dynamic per-tensor scale (``nvfp4`` without a static one)."""
+        m = self.match
+        return self.scheme == "nvfp4" and not (m.prepacked and m.node.args[5] is not None)
+
     def group_key(self):
         """Layers with equal keys may share one GEMM launch: same activation and scheme, same K, a bias on all or
         none (graph inputs, defined before any layer), and for ``nvfp4`` the same (dynamic) activation scale."""
         m = self.match
         if m.bias is not None and m.bias.op != "placeholder":
             return None
-        if self.scheme == "nvfp4" and m.prepacked and m.node.args[5] is not None:  # its own static scale
+        if self.scheme == "nvfp4" and not self.dynamic_scale:  # its own static scale
             return None
         return (m.x, self.scheme, self.decision.shape[1], m.bias is None)
 
@@ -284,7 +294,10 @@ def rewrite_linears(
             layers.append(_Layer(m, decision))
 
     replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its output, for a layer that reads it directly
-    for members in _groups(layers, group):
+    groups = _groups(layers, group)
+    readers = Counter(members[0].match.x for members in groups if members[0].dynamic_scale)
+    emit.shared_scales = {x: None for x, count in readers.items() if count > 1}
+    for members in groups:
         if len(members) > 1:
             for layer in members:
                 layer.decision.group = tuple(member.match.name for member in members)
@@ -325,6 +338,18 @@ def refresh_host_alphas(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _shared_dynamic_scale(g: fx.Graph, emit: _Emitter, m: Linear, x: fx.Node) -> fx.Node | None:
+    """The dynamic per-tensor scale of ``m``'s activation as a node of its own, computed once, where more than one GEMM
+    op quantizes that activation (``group=False``, or a group split by ``MAX_GROUP`` or ``GROUP_ALIGN``): each op then
+    takes it as its ``act_pts`` instead of finding the same amax again. None where one op reads the activation."""
+    if m.x not in emit.shared_scales:
+        return None
+    if emit.shared_scales[m.x] is None:
+        name = f"{_safe(m.name)}_act_pts"
+        emit.shared_scales[m.x] = g.create_node("call_function", nvfp4.global_scale_of, (x,), name=name)
+    return emit.shared_scales[m.x]
+
+
 def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, embedded) -> None:
     """One GEMM op for ``members`` (linears over one activation), inserted before the first of them; each
     member's uses then read its output of the op."""
@@ -340,8 +365,10 @@ def _rewrite_group(gm, emit: _Emitter, members: list[_Layer], replaced, cache, e
             gemm = g.create_node("call_function", torch.ops.fp4.gemm_a16.default, args, name=f"{prefix}_gemm")
         else:
             act_pts = _static_act_scale(emit, first, embedded)
+            if act_pts is None:
+                act_pts = _shared_dynamic_scale(g, emit, first, x)
             args = (x, act_pts, w_packed, w_scales, w_pts, biases)
-            if act_pts is not None:  # alpha is known: the product of static scales
+            if act_pts is not None and act_pts.op == "get_attr":  # alpha is known: the product of static scales
                 args += (_host_alphas(gm, w_pts, act_pts),)
             gemm = g.create_node("call_function", torch.ops.fp4.gemm.default, args, name=f"{prefix}_gemm")
         outs = [g.create_node("call_function", operator.getitem, (gemm, i), name=f"{_safe(layer.match.name)}_out")

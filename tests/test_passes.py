@@ -148,22 +148,23 @@ class GraphModule(torch.nn.Module):
         fp4_q_packed: "u8[32, 16]" = self.fp4_q_packed
         fp4_q_scales: "u8[32, 2]" = self.fp4_q_scales
         fp4_q_pts: "f32[]" = self.fp4_q_pts
+        q_act_pts = fp4compile_format_global_scale_of(l_x_)
 
-        q_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_q_packed], [fp4_q_scales], [fp4_q_pts], [None]);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
+        q_gemm = torch.ops.fp4.gemm.default(l_x_, q_act_pts, [fp4_q_packed], [fp4_q_scales], [fp4_q_pts], [None]);  fp4_q_packed = fp4_q_scales = fp4_q_pts = None
 
         q_out = q_gemm[0];  q_gemm = None
         fp4_k_packed: "u8[16, 16]" = self.fp4_k_packed
         fp4_k_scales: "u8[16, 2]" = self.fp4_k_scales
         fp4_k_pts: "f32[]" = self.fp4_k_pts
 
-        k_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_k_packed], [fp4_k_scales], [fp4_k_pts], [None]);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
+        k_gemm = torch.ops.fp4.gemm.default(l_x_, q_act_pts, [fp4_k_packed], [fp4_k_scales], [fp4_k_pts], [None]);  fp4_k_packed = fp4_k_scales = fp4_k_pts = None
 
         k_out = k_gemm[0];  k_gemm = None
         fp4_v_packed: "u8[16, 16]" = self.fp4_v_packed
         fp4_v_scales: "u8[16, 2]" = self.fp4_v_scales
         fp4_v_pts: "f32[]" = self.fp4_v_pts
 
-        v_gemm = torch.ops.fp4.gemm.default(l_x_, None, [fp4_v_packed], [fp4_v_scales], [fp4_v_pts], [l_self_modules_v_parameters_bias_]);  l_x_ = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
+        v_gemm = torch.ops.fp4.gemm.default(l_x_, q_act_pts, [fp4_v_packed], [fp4_v_scales], [fp4_v_pts], [l_self_modules_v_parameters_bias_]);  l_x_ = q_act_pts = fp4_v_packed = fp4_v_scales = fp4_v_pts = l_self_modules_v_parameters_bias_ = None
 
         v_out = v_gemm[0];  v_gemm = None
         return (q_out, k_out, v_out)
