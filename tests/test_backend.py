@@ -403,9 +403,9 @@ def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
 def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k, bias):
     """Compiled on CUDA, each plan of ``ops._gemm_plan`` (one row: the GEMV, for nvfp4 quantizing the row itself;
     up to 128: tensor cores, on Hopper the fused kernel where K is a multiple of 256; more: dequantize + cuBLAS,
-    with the global scale as cuBLAS's alpha for nvfp4a16) gives the eager emulation's numbers: within a rounding of the bf16 output (one layer, so
-    that both sides quantize the same activation). The caching allocator's free memory holds NaNs first, so an
-    uninitialized buffer that is read shows."""
+    with the global scale as cuBLAS's alpha for nvfp4a16) gives the eager emulation's numbers: within a rounding of
+    the bf16 output (one layer, so that both sides quantize the same activation). The caching allocator's free
+    memory holds NaNs first, so an uninitialized buffer that is read shows."""
     from fp4compile.kernels import DIRECT_MAX_ROWS
 
     torch.manual_seed(0)
