@@ -392,22 +392,6 @@ def _gemv_step(acc, p, s, a, a_s, a_pts, A_FP4: tl.constexpr, QUANTIZE: tl.const
 
 
 @triton.jit
-def _row_global_scale(a_ptr, K, BLOCK: tl.constexpr):
-    """The dynamic per-tensor scale of one activation row, ``format.global_scale_of``: amax(|a|) / 2688, correctly
-    rounded; NaN if the row holds a NaN (``tl.max`` would drop it). ``BLOCK`` elements a step, all loads of a step
-    issued at once: each step waits for its loads."""
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    nan = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(0, K, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        a = tl.load(a_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(a))
-        nan = nan | (a != a).to(tl.int32)
-    pts = tl.math.div_rn(tl.max(amax, axis=0), 2688.0)
-    return tl.where(tl.max(nan, axis=0) > 0, float("nan"), pts)
-
-
-@triton.jit
 def _gemv_kernel(
     # pointers (w_ptrs to out_ptrs: one per member of the group, see _member)
     a_ptr, a_scale_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
@@ -440,7 +424,8 @@ def _gemv_kernel(
     ``QUANTIZE``: the activation comes in high precision and each program quantizes it to NVFP4 in registers as
     it goes (``triton_quantize.quantized_values``, bit for bit the activation quantize's values ``e2m1 * S_a``,
     6 significant bits, so the products stay exact), with the per-tensor scale ``a_pts_ptr`` (static) or, when
-    that is None, the row's own (``_row_global_scale``, a first pass over the row, which every program makes).
+    that is None, the row's own (``triton_quantize.row_global_scale``, a first pass over the row, which every
+    program makes).
     This is the quantize and the GEMM in one launch: nothing is written between them.
     """
     G: tl.constexpr = BLOCK_K // 16
@@ -455,7 +440,10 @@ def _gemv_kernel(
                                A_FP4, BLOCK_K)
     a_pts = 1.0
     if QUANTIZE:
-        a_pts = _row_global_scale(a_ptr, K, _ROW_BLOCK) if a_pts_ptr is None else tl.load(a_pts_ptr)
+        if a_pts_ptr is None:
+            a_pts = triton_quantize.row_global_scale(a_ptr, K, _ROW_BLOCK)
+        else:
+            a_pts = tl.load(a_pts_ptr)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         p_step, s_step, a_step, a_s_step = p, s, a, a_s
         p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_wn,

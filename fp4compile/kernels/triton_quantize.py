@@ -17,6 +17,23 @@ from .. import format as nvfp4
 
 BLOCK_M = 16  # rows per program
 BLOCK_K = 128  # elements along K per program: 8 blocks of 16, 64 packed bytes
+_PTS_DIVISOR = tl.constexpr(nvfp4.F8_E4M3_MAX * nvfp4.F4_E2M1_MAX)  # pts = amax / 2688
+
+
+@triton.jit
+def row_global_scale(a_ptr, K, BLOCK: tl.constexpr):
+    """The dynamic per-tensor scale of one activation row, ``format.global_scale_of``: amax(|a|) / 2688, correctly
+    rounded; NaN if the row holds a NaN (``tl.max`` would drop it). ``BLOCK`` elements a step, all loads of a step
+    issued at once: each step waits for its loads."""
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    nan = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(a))
+        nan = nan | (a != a).to(tl.int32)
+    pts = tl.math.div_rn(tl.max(amax, axis=0), _PTS_DIVISOR)
+    return tl.where(tl.max(nan, axis=0) > 0, float("nan"), pts)
 
 
 @triton.jit
