@@ -2,6 +2,7 @@
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
+    fp4::quantize_values(x [..., K], pts, dtype) -> [..., K]      (e2m1 * S_b, exact: what a GEMM dequantizes)
     fp4::gemm(x [..., K], act_pts?, w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
                                         (NVFP4 x NVFP4: x quantized with the static scale act_pts, or dynamically)
     fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
@@ -19,13 +20,13 @@ or write float4/float8 buffers, and a uint8 buffer can be viewed as float4 or fl
 For Inductor, ``quantize_act`` decomposes into the amax and the block quantize: on CPU both plain torch, fused with
 the op that produces the activation; on CUDA the amax and the ``quantize_blocks`` Triton kernel, generated once per
 activation shape.
-``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``: on CUDA with one row, ``gemm`` is the GEMV that quantizes
-its activation in registers (``quantize_gemm_kernel``, one launch); otherwise ``gemm`` quantizes (``quantize_act``'s
-decomposition) and then, like ``gemm_a16``, runs the kernel op (the CPU reference, or on CUDA the kernels up to 128
-rows), or on CUDA with more rows an exact dequantize and cuBLAS per weight: given ``alphas``, aten ``addmm`` that
-applies the global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a fused epilogue.
-Inductor generates each dequantize once per shape, not once per layer. On CUDA the ops' eager implementations
-dispatch to ``kernels``.
+``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``. On CPU: the kernel op (the reference), ``gemm``'s activation
+quantized first (``quantize_act``'s decomposition). On CUDA up to 128 rows: the kernel ops, ``gemm``'s being
+``quantize_gemm_kernel``, which takes the high-precision activation (the GEMV quantizes one row in registers; more
+rows go through ``quantize_values`` inside the op). On CUDA with more rows: an exact dequantize (for ``gemm`` the
+activation by ``quantize_values``) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the global
+scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates each
+dequantize once per shape, not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``.
 """
 
 import torch
@@ -93,6 +94,17 @@ def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
     packed, scales = _block_quantizer(x.device)(x, pts)
     return packed, scales, pts
+
+
+@torch.library.custom_op("fp4::quantize_values", mutates_args=())
+def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x``'s NVFP4 values ``e2m1 * S_b`` for the per-tensor scale ``pts`` (which they leave out), exact as ``dtype``
+    (bf16, fp16 or fp32): what dequantizing ``quantize_blocks``'s output gives; on CUDA one Triton kernel."""
+    packed, scales = nvfp4.quantize_blocks(x, pts)
+    return nvfp4.dequantize_blocks_by_bits(packed, scales, dtype)
+
+
+quantize_values.register_fake(lambda x, pts, dtype: x.new_empty(x.shape, dtype=dtype))
 
 
 @torch.library.custom_op("fp4::quantize_act", mutates_args=())
@@ -241,17 +253,21 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
     """How Inductor runs a GEMM whose activation is ``x``; ``quantizes``: an NVFP4 x NVFP4 GEMM (``fp4::gemm``),
     whose activation is quantized first:
 
-    - "quantizing kernel": ``quantizes`` on CUDA with up to ``kernels.GEMV_MAX_ROWS`` (one) row: the kernel op that
-      takes the high-precision row (the GEMV, which quantizes it in registers, its dynamic per-tensor scale
-      included), so that the quantize is no launch of its own and nothing is written between it and the GEMM;
-    - "kernel": the kernel op, an extern call: on CPU the exact reference; on CUDA, up to
-      ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMV for one row; for more,
-      tensor cores with the weight dequantized in registers: on Hopper the fused Gluon kernel, elsewhere the
+    - "kernel": the kernel op, an extern call: on CPU the exact reference (``fp4::gemm`` quantizing by
+      ``quantize_act``'s decomposition first, plain torch that fuses with the activation's producer); on CUDA, up
+      to ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMV for one row; for
+      more, tensor cores with the weight dequantized in registers: on Hopper the fused Gluon kernel, elsewhere the
       Triton one);
-    - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 by an Inductor kernel,
-      ``_mm_f32`` (cuBLAS, fp32 accumulator), then global scales, bias and the cast in an Inductor kernel that
-      fuses with what follows; a GEMM given ``alphas`` (as the backend's pass emits ``gemm_a16``, and ``gemm``
-      with a static activation scale) runs ``_mm_alpha`` instead, one cuBLAS call with alpha and the bias.
+    - "quantizing kernel": ``quantizes`` on CUDA with as many rows: the kernel op that takes the high-precision
+      activation (``quantize_gemm_kernel``). The GEMV quantizes its one row in registers, its dynamic per-tensor
+      scale included: one launch, nothing written between the quantize and the GEMM. More rows: the dynamic scale
+      is Inductor's (fused with the activation's producer) and the op runs ``quantize_values`` and the kernel, two
+      launches where a packed activation took three (quantize, dequantize, GEMM);
+    - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 (the weight by an Inductor kernel,
+      the activation of ``fp4::gemm`` by ``quantize_values``), ``_mm_f32`` (cuBLAS, fp32 accumulator), then global
+      scales, bias and the cast in an Inductor kernel that fuses with what follows; a GEMM given ``alphas`` (as the
+      backend's pass emits ``gemm_a16``, and ``gemm`` with a static activation scale) runs ``_mm_alpha`` instead,
+      one cuBLAS call with alpha and the bias.
       Launched by Inductor's own code, so the CPU cost per layer stays small: the fused kernel is faster on the
       GPU at 1024 rows, but each call of the kernel op costs 260-350 us of CPU, which made a 32-layer
       Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives 0.76-0.81x; tools/KERNEL_NOTES.md,
@@ -267,9 +283,9 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
 
     if x.device.type != "cuda":
         return "kernel"
-    if quantizes and _rows(x) <= kernels.GEMV_MAX_ROWS:
-        return "quantizing kernel"
-    return "dequantize" if _rows(x) > kernels.DIRECT_MAX_ROWS else "kernel"
+    if _rows(x) > kernels.DIRECT_MAX_ROWS:
+        return "dequantize"
+    return "quantizing kernel" if quantizes else "kernel"
 
 
 def _cublas_scales(alphas, out_dtype: torch.dtype, bias) -> bool:
@@ -286,23 +302,32 @@ def _mm_alpha_each(a: torch.Tensor, w_packed, w_scales, bias, alphas, lead) -> l
             for p, s, b, alpha in zip(w_packed, w_scales, bias, alphas)]
 
 
+def _quantized_values(x: torch.Tensor, global_scale: torch.Tensor | None = None):
+    """``x``'s NVFP4 values ``e2m1 * S_b`` as ``[rows, K]``, exact in x's dtype (bf16 for fp32 x), and its per-tensor
+    scale: the activation operand of the large-M plan."""
+    pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
+    dtype = x.dtype if x.dtype in _DEQUANTIZE_TO else torch.bfloat16
+    return torch.ops.fp4.quantize_values(x.flatten(0, -2), pts, dtype), pts
+
+
 @register_decomposition(torch.ops.fp4.gemm.default)
 def _gemm_decomposition(x, act_pts, w_packed, w_scales, w_pts, bias, alphas=None):
+    from . import kernels
+
     plan = _gemm_plan(x, quantizes=True)
     if plan == "quantizing kernel":
+        if act_pts is None and _rows(x) > kernels.GEMV_MAX_ROWS:
+            act_pts = nvfp4.global_scale_of(x)
         return torch.ops.fp4.quantize_gemm_kernel(x, act_pts, w_packed, w_scales, w_pts, bias)
-    a_packed, a_scales, a_pts = _quantize_act_decomposition(x, act_pts)
     if plan == "kernel":
+        a_packed, a_scales, a_pts = _quantize_act_decomposition(x, act_pts)
         return torch.ops.fp4.gemm_kernel(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, x.dtype)
-    lead, outs = x.shape[:-1], []
+    lead = x.shape[:-1]
+    a, a_pts = _generated_once(_quantized_values, *((x,) if act_pts is None else (x, act_pts)))
     if _cublas_scales(alphas, x.dtype, bias):
-        a = _generated_once(_DEQUANTIZE_TO[x.dtype], a_packed.flatten(0, -2), a_scales.flatten(0, -2))
         return _mm_alpha_each(a, w_packed, w_scales, bias, alphas, lead)
-    a = _generated_once(_dequantize_bf16, a_packed.flatten(0, -2), a_scales.flatten(0, -2))
-    for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias):
-        acc = _generated_once(_dequantize_mm, a, p, s)
-        outs.append(_epilogue(acc, a_pts * pts, b, lead, x.dtype))
-    return outs
+    return [_epilogue(_generated_once(_dequantize_mm, a, p, s), a_pts * pts, b, lead, x.dtype)
+            for p, s, pts, b in zip(w_packed, w_scales, w_pts, bias)]
 
 
 @register_decomposition(torch.ops.fp4.gemm_a16.default)
@@ -350,6 +375,7 @@ def _register_cuda_kernels() -> None:
     from . import kernels
 
     quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
+    quantize_values.register_kernel("cuda")(kernels.quantize_values)
     gemm.register_kernel("cuda")(_ignoring_alphas(kernels.quantize_gemm))
     gemm_kernel.register_kernel("cuda")(kernels.gemm)
     quantize_gemm_kernel.register_kernel("cuda")(kernels.quantize_gemm)

@@ -294,14 +294,16 @@ def test_unknown_inductor_option_is_an_error():
             compile_fp4(MLP(), no_such_option=1)(torch.randn(2, 64))
 
 
-@pytest.mark.parametrize("plan", ["kernel", "dequantize"])
+@pytest.mark.parametrize("plan", ["kernel", "quantizing kernel", "dequantize"])
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
 def test_grouped_linears_compute_what_separate_ones_do(monkeypatch, scheme, plan):
     """q/k/v and gate/up as one GEMM op each give the numbers of one op per linear, in the reference plan (CPU)
-    and in the CUDA multi-row plan forced onto the CPU."""
+    and in CUDA's plans forced onto the CPU (few rows: nvfp4's activation quantized in the op, its dynamic scale
+    computed in the graph; many rows: dequantize + mm)."""
     import fp4compile.ops
 
-    monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x, **_: plan)
+    monkeypatch.setattr(fp4compile.ops, "_gemm_plan",
+                        lambda x, quantizes=False: "kernel" if plan == "quantizing kernel" and not quantizes else plan)
     torch.manual_seed(0)
     model, x = Attention().to(torch.bfloat16), torch.randn(3, 7, 64, dtype=torch.bfloat16)
     reports = []
@@ -373,13 +375,12 @@ def test_large_m_plan_with_a_static_activation_scale(monkeypatch):
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
 def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
     """Layers of the same shapes share one generated weight dequantize (nvfp4: dequantize + ``mm``) in the large-M
-    plan, and one generated activation quantize (CUDA's plan and block quantize, forced onto the CPU): three MLPs
+    plan, and one generated activation quantize (the plan forced onto the CPU): three MLPs
     have two weight shapes and two activation shapes, so the compiled code defines two of each, not six. nvfp4a16
     calls cuBLAS once per layer, with that layer's global scale as the host alpha."""
     import fp4compile.ops
 
     monkeypatch.setattr(fp4compile.ops, "_gemm_plan", lambda x, **_: "dequantize")
-    monkeypatch.setattr(fp4compile.ops, "_block_quantizer", lambda device: torch.ops.fp4.quantize_blocks)
     torch.manual_seed(0)
     model, x = nn.Sequential(MLP(), MLP(), MLP()).to(torch.bfloat16), torch.randn(9, 64, dtype=torch.bfloat16)
     with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
@@ -388,7 +389,7 @@ def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
         assert code[0].count("extern_kernels.mm(") == 2
     else:
         assert code[0].count("def repeated_subgraph") == 2 and code[0].count("extern_kernels.mm(") == 6
-    assert code[0].count("torch.ops.fp4.quantize_blocks.default(") == (2 if scheme == "nvfp4" else 0)
+    assert code[0].count("torch.ops.fp4.quantize_values.default(") == (2 if scheme == "nvfp4" else 0)
     expect = x
     for mlp in model:
         expect = emulate_mlp(mlp, expect, scheme)
@@ -402,8 +403,9 @@ def test_multi_row_cuda_plan_generates_each_shape_once(monkeypatch, scheme):
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
 def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k, bias):
     """Compiled on CUDA, each plan of ``ops._gemm_plan`` (one row: the GEMV, for nvfp4 quantizing the row itself;
-    up to 128: tensor cores, on Hopper the fused kernel where K is a multiple of 256; more: dequantize + cuBLAS,
-    with the global scale as cuBLAS's alpha for nvfp4a16) gives the eager emulation's numbers: within a rounding of
+    up to 128: tensor cores, on Hopper the fused kernel where K is a multiple of 256, nvfp4's activation quantized
+    to exact values inside the op; more: dequantize + cuBLAS, nvfp4's activation by ``quantize_values``, with the
+    global scale as cuBLAS's alpha for nvfp4a16) gives the eager emulation's numbers: within a rounding of
     the bf16 output (one layer, so that both sides quantize the same activation). The caching allocator's free
     memory holds NaNs first, so an uninitialized buffer that is read shows."""
     from fp4compile.kernels import DIRECT_MAX_ROWS
@@ -418,9 +420,10 @@ def test_cuda_plans_give_the_emulated_numbers(scheme, rows, k, bias):
     del nans
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         out, code = run_and_get_code(compile_fp4(layer.cuda(), scheme=scheme), x.cuda())
-    quantizing = scheme == "nvfp4" and rows == 1  # the GEMV quantizes the activation itself
+    quantizing = scheme == "nvfp4" and rows <= DIRECT_MAX_ROWS  # the kernel op quantizes the activation itself
     assert ("torch.ops.fp4.quantize_gemm_kernel" in code[0]) == quantizing
     assert ("torch.ops.fp4.gemm" in code[0]) == (rows <= DIRECT_MAX_ROWS and not quantizing)
+    assert ("torch.ops.fp4.quantize_values" in code[0]) == (scheme == "nvfp4" and rows > DIRECT_MAX_ROWS)
     assert ("extern_kernels.addmm(" in code[0]) == (scheme == "nvfp4a16" and rows > DIRECT_MAX_ROWS)
     assert out.dtype == torch.bfloat16
     bound = 2**-8 * expect.abs() + 1e-5 * expect.abs().max()

@@ -182,10 +182,11 @@ def test_gemv_subnormal_activations(dtype):
     run_case("a16", 1, 32, 64, dtype, False, x=x.to(dtype).to(DEVICE), cast=False)
 
 
-def quantizing_gemv(x, weights, biases, act_pts=None):
-    """``x [1, K]`` through the GEMV that quantizes it in registers, checked for NaN against the reference and,
-    where the reference is finite, bit for bit against the packed path (the Triton activation quantize, then the
-    GEMV) and against fp64 products of the reference's dequantized operands. Returns the outputs."""
+def quantizing_gemm(x, weights, biases, act_pts=None):
+    """``x [M, K]`` through ``quantize_gemm_group`` (one row: the GEMV that quantizes in registers; more: the values
+    kernel, then the tensor-core kernel), checked for NaN against the reference and, where the reference is finite,
+    bit for bit against the packed path (the Triton activation quantize, then the GEMM of the packed activation)
+    and against fp64 products of the reference's dequantized operands. Returns the outputs."""
     pts = nvfp4.global_scale_of(x.cpu()) if act_pts is None else act_pts
     outs = triton_gemm.quantize_gemm_group(x, None if act_pts is None else act_pts.to(DEVICE), weights, biases)
     packed, scales = kernels.triton_quantize.quantize_blocks(x, pts.to(DEVICE))
@@ -193,11 +194,11 @@ def quantizing_gemv(x, weights, biases, act_pts=None):
         bias = None if biases is None else biases[i]
         a64 = nvfp4.fake_quantize(x.cpu(), pts).double()
         ref = a64 @ dequant64(*w).t() + (0.0 if bias is None else bias.cpu().double())
-        assert out.dtype == x.dtype
+        assert out.dtype == x.dtype and out.shape == ref.shape
         assert torch.equal(out.cpu().isnan(), ref.isnan()), "NaN where the reference has none, or none where it has"
         if not ref.isnan().any():
             unfused = triton_gemm.gemm(packed, scales, pts.to(DEVICE), *w, bias, x.dtype)
-            assert torch.equal(out, unfused), "differs from quantize + GEMV"
+            assert torch.equal(out, unfused), "differs from quantize + GEMM"
             out32 = triton_gemm.quantize_gemm_group(x, None if act_pts is None else act_pts.to(DEVICE), [w],
                                                     None if bias is None else [bias],
                                                     [torch.full(out.shape, float("nan"), device=DEVICE)])[0]
@@ -205,45 +206,50 @@ def quantizing_gemv(x, weights, biases, act_pts=None):
     return outs
 
 
+@pytest.mark.parametrize("m", (1, 3))
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
 @pytest.mark.parametrize(("k", "n", "dtype", "with_bias"), [
     (16, 16, torch.bfloat16, True), (48, 100, torch.float16, False), (4096 if CUDA else 272, 100, torch.float32, True)],
     ids=str)
-def test_gemv_quantizes_its_activation(k, n, dtype, with_bias, static):
-    """NVFP4 x NVFP4 at one row from the high-precision activation: the GEMV's own quantize (dynamic: the row's
-    amax; static: a given scale) equals the activation quantize kernel's, so the output equals quantize + GEMV."""
-    x = (torch.randn(1, k) * torch.rand(1, k) * 10).to(dtype).to(DEVICE)
+def test_gemm_quantizes_its_activation(k, n, dtype, with_bias, static, m):
+    """NVFP4 x NVFP4 from the high-precision activation: the GEMV's own quantize at one row, the values kernel's
+    at more (dynamic: the activation's amax; static: a given scale), equals the activation quantize kernel's, so
+    the output equals quantize + GEMM."""
+    x = (torch.randn(m, k) * torch.rand(m, k) * 10).to(dtype).to(DEVICE)
     bias = [(torch.randn(n) * 3).to(dtype).to(DEVICE)] if with_bias else None
-    quantizing_gemv(x, [random_nvfp4(n, k)], bias, torch.tensor(0.0042) if static else None)
+    quantizing_gemm(x, [random_nvfp4(n, k)], bias, torch.tensor(0.0042) if static else None)
 
 
-def test_gemv_quantize_awkward_activations():
+@pytest.mark.parametrize("m", (1, 17))
+def test_gemm_quantize_awkward_activations(m):
     """Zeros, tiny, huge, -0 and exact e2m1 ties (with a static scale that maps a block max 6 to 6), a NaN
-    (every output NaN, as the reference) and an all-zero row (per-tensor scale 0, block scales 0/0: NaN, as the
-    reference gives)."""
+    (every output of its row NaN, as the reference) and an all-zero activation (per-tensor scale 0, block scales
+    0/0: NaN, as the reference gives)."""
     w = [random_nvfp4(32, 96)]
-    x = torch.randn(1, 96) * 4
-    x[0, :16] = 0.0
-    x[0, 16:32] = 1e-30
-    x[0, 32:40] = 1e30
-    x[0, 40] = -0.0
-    quantizing_gemv(x.to(DEVICE), w, None)
+    x = torch.randn(m, 96) * 4
+    x[:, :16] = 0.0
+    x[:, 16:32] = 1e-30
+    x[:, 32:40] = 1e30
+    x[:, 40] = -0.0
+    quantizing_gemm(x.to(DEVICE), w, None)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
-    x = torch.cat([ties, -ties] * 6).reshape(1, 96)
-    quantizing_gemv(x.to(DEVICE), w, None, torch.tensor(1 / 448))
+    x = torch.cat([ties, -ties] * 6).repeat(m, 1)
+    quantizing_gemm(x.to(DEVICE), w, None, torch.tensor(1 / 448))
     x[0, 50] = float("nan")
-    assert quantizing_gemv(x.to(DEVICE), w, None)[0].isnan().all()
-    assert quantizing_gemv(torch.zeros(1, 96, device=DEVICE), w, None)[0].isnan().all()
+    assert quantizing_gemm(x.to(DEVICE), w, None, torch.tensor(1 / 448))[0][0].isnan().all()
+    assert quantizing_gemm(x.to(DEVICE), w, None)[0].isnan().all()  # the dynamic scale is NaN: every row
+    assert quantizing_gemm(torch.zeros(m, 96, device=DEVICE), w, None)[0].isnan().all()
 
 
+@pytest.mark.parametrize("m", (1, 5))
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
-def test_gemv_quantizes_for_a_group(static):
-    """q/k/v as one launch of the quantizing GEMV (and weight by weight when they cannot form a group)."""
-    x = (torch.randn(1, 48) * 4).bfloat16().to(DEVICE)
+def test_gemm_quantizes_for_a_group(static, m):
+    """q/k/v as one launch of the quantizing GEMM (and weight by weight when they cannot form a group)."""
+    x = (torch.randn(m, 48) * 4).bfloat16().to(DEVICE)
     for shapes in GROUP_SHAPES.values():
         weights = [random_nvfp4(n, 48) for n in shapes]
         biases = [(torch.randn(n) * 3).bfloat16().to(DEVICE) for n in shapes]
-        quantizing_gemv(x, weights, biases, torch.tensor(0.01) if static else None)
+        quantizing_gemm(x, weights, biases, torch.tensor(0.01) if static else None)
 
 
 @gpu_only

@@ -8,8 +8,6 @@ import torch
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-import triton.language as tl  # noqa: E402
-
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.kernels import triton_quantize  # noqa: E402
 
@@ -17,11 +15,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_bitwise(x: torch.Tensor, pts: torch.Tensor | None = None):
+    """Both kernels against the reference: packed values and block scales, and the values ``e2m1 * S_b`` as bf16,
+    fp16 and fp32 (NaN where the reference has NaN)."""
     pts = nvfp4.global_scale_of(x) if pts is None else pts
     packed, scales = triton_quantize.quantize_blocks(x.to(DEVICE), pts.to(DEVICE))
     ref_packed, ref_scales = nvfp4.quantize_blocks(x, pts)
     assert torch.equal(scales.cpu(), ref_scales.view(torch.uint8)), "block scales differ"
     assert torch.equal(packed.cpu(), ref_packed), "packed values differ"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        values = triton_quantize.quantize_values(x.to(DEVICE), pts.to(DEVICE), dtype).cpu()
+        expect = nvfp4.dequantize_parts(ref_packed, ref_scales, None, dtype)
+        assert values.shape == x.shape and values.dtype == dtype
+        assert torch.equal(values.isnan(), expect.isnan()), f"{dtype} values: NaN where the reference has none"
+        assert torch.equal(values.nan_to_num(), expect.nan_to_num()), f"{dtype} values differ"
 
 
 @pytest.mark.parametrize("shape", [(1, 16), (3, 48), (17, 272), (5, 2, 64)], ids=str)
@@ -71,28 +77,15 @@ def test_zero_tensor_gets_nan_scales_as_the_reference():
     assert ref.float().isnan().all() and (scales.cpu() == 0x7F).all()
 
 
-@triton.jit
-def _values_kernel(x_ptr, pts_ptr, out_ptr, GROUPS: tl.constexpr):
-    offs = tl.arange(0, GROUPS * 16)
-    xb = tl.reshape(tl.load(x_ptr + offs), (GROUPS, 16))
-    tl.store(out_ptr + offs, tl.reshape(triton_quantize.quantized_values(xb, tl.load(pts_ptr)), (GROUPS * 16,)))
-
-
 @pytest.mark.parametrize("pts", [None, 1 / 448, 1.0, 1e-12], ids=str)
 def test_quantized_values_are_the_reference_values(pts):
-    """``quantized_values`` (the GEMV's in-register quantize) gives ``e2m1 * S_b`` of the reference bit for bit: every
-    e2m1 boundary and tie, values just beside them, zeros of both signs, tiny, huge, inf and NaN elements."""
+    """``quantized_values`` (the quantize of the GEMV and of ``quantize_values``) gives ``e2m1 * S_b`` of the
+    reference bit for bit: every e2m1 boundary and tie, values just beside them, zeros of both signs, tiny, huge,
+    inf and NaN elements."""
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
     near = torch.cat([ties, ties.nextafter(torch.tensor(0.0)), ties.nextafter(torch.tensor(9.0))])
     x = torch.cat([near, -near, torch.randn(64) * 3, torch.tensor([0.0, -0.0, 1e-30, -1e30, 7.0, -6.5, 1e-45, 3.0]),
                    torch.randn(8) * 1e-3]).reshape(1, 128)
     x = torch.cat([x, x.clone()])
     x[1, 100], x[1, 120] = float("inf"), float("nan")
-    x = x.flatten()  # 16 blocks: a power of two, as tl.arange wants
-    pts = nvfp4.global_scale_of(x[:128]) if pts is None else torch.tensor(pts)
-    out = torch.empty_like(x, device=DEVICE)
-    _values_kernel[(1,)](x.to(DEVICE), pts.to(DEVICE), out, GROUPS=x.numel() // 16)
-    q = nvfp4.quantize(x.reshape(1, -1), pts)
-    expect = nvfp4.dequantize_parts(q.packed, q.scales, None).flatten()
-    assert torch.equal(out.cpu().isnan(), expect.isnan())
-    assert torch.equal(out.cpu().nan_to_num(), expect.nan_to_num()), "values differ from the reference's"
+    check_bitwise(x, nvfp4.global_scale_of(x[0]) if pts is None else torch.tensor(pts))

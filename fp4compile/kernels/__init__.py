@@ -170,9 +170,10 @@ def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
 def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
     """NVFP4 x NVFP4 on CUDA from the high-precision activation ``x [..., K]``: x quantized with the static
     per-tensor scale ``act_pts`` (or its own, dynamic, when None), times each weight of the lists (as for
-    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. One row runs the GEMV that quantizes in registers,
-    one launch; more rows, Blackwell (``torch._scaled_mm``) and inputs the GEMV cannot take quantize first and
-    then run :func:`gemm`."""
+    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, one row runs the GEMV that
+    quantizes in registers, one launch; more rows the quantize kernel writing exact values (``quantize_values``)
+    and the kernel that takes them, two. Blackwell (``torch._scaled_mm``) and inputs the kernels cannot take
+    quantize to packed NVFP4 first and then run :func:`gemm`."""
     nvfp4.check_quantizable(x)
     lead = x.shape[:-1]
     reason = _weights_problem(x.device, (x, act_pts), w_packed, w_scales, w_pts, bias)
@@ -184,7 +185,7 @@ def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
         return [x.new_empty((*lead, p.shape[0])) for p in w_packed]
-    if reason is not None or x2.shape[0] > GEMV_MAX_ROWS or _family(_device_index(x.device))[0] == "blackwell":
+    if reason is not None or _family(_device_index(x.device))[0] == "blackwell":
         pts = nvfp4.global_scale_of(x) if act_pts is None else act_pts.float().reshape(())
         a_packed, a_scales = quantize_blocks(x, pts)
         return gemm(a_packed, a_scales, pts, w_packed, w_scales, w_pts, bias, x.dtype)
@@ -223,6 +224,19 @@ def _triton_quantize_problem() -> str | None:
     except ImportError as e:
         return f"Triton is not importable ({e})"
     return None
+
+
+def quantize_values(x, pts, dtype):
+    """NVFP4 values ``e2m1 * S_b`` of a CUDA activation for a given per-tensor scale, as ``dtype`` (exact for
+    bf16/fp16/fp32): what dequantizing :func:`quantize_blocks`'s output without ``pts`` gives, in one kernel."""
+    reason = _triton_quantize_problem() or (None if pts.device == x.device else "pts is on another device")
+    if reason is not None:
+        _fallback_notice(f"{reason}; quantizing with the slow exact reference")
+        packed, scales = nvfp4.quantize_blocks(x, pts)
+        return nvfp4.dequantize_blocks_by_bits(packed, scales, dtype)
+    from . import triton_quantize
+
+    return triton_quantize.quantize_values(x, pts, dtype)
 
 
 def quantize_blocks(x, pts):

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from .. import format as nvfp4
 from . import DIRECT_MAX_ROWS, GEMV_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem, triton_quantize
 
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
@@ -748,6 +749,9 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False
         outs = [torch.empty((m, packed.shape[0]), device=a.device, dtype=out_dtype) for packed, _, _ in weights]
     if biases is not None and all(b is None for b in biases):
         biases = None
+    if quantize and m > GEMV_MAX_ROWS:  # only the GEMV quantizes in registers; the others take the exact values
+        a_pts = nvfp4.global_scale_of(a) if a_pts is None else a_pts.float().reshape(())
+        a, quantize = triton_quantize.quantize_values(a, a_pts, torch.float16), False  # fp16, as a dequantize gives
     if group_problem(weights, biases) is not None:  # one launch per weight
         for i, w in enumerate(weights):
             _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]], quantize)
@@ -755,8 +759,6 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False
     k = weights[0][0].shape[1] * 2
     if m <= GEMV_MAX_ROWS:
         return list(launch_gemv(a, a_scales, a_pts, weights, biases, outs, quantize=quantize))
-    if quantize:
-        raise ValueError(f"only the GEMV quantizes its activation itself (M <= {GEMV_MAX_ROWS}), got M={m}")
     if fused_problem(a.device, m, k) is None:
         from . import gluon_gemm
 
@@ -780,9 +782,9 @@ def gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs=None)
 
 
 def quantize_gemm_group(x, act_pts, weights, biases, outs=None):
-    """``quantize(x) @ dequant(w).T + bias`` for one high-precision row ``x [1, K]`` and each of ``weights``, the
-    quantize done by the GEMV in registers: with the static per-tensor scale ``act_pts``, or the row's own when it
-    is None. Returns ``[1, N_i]`` of x's dtype."""
+    """``quantize(x) @ dequant(w).T + bias`` for high-precision ``x [M, K]`` and each of ``weights``: x quantized
+    with the static per-tensor scale ``act_pts``, or its own when it is None; at one row by the GEMV in registers,
+    with more by ``triton_quantize.quantize_values`` first. Returns ``[M, N_i]`` of x's dtype."""
     return _launch(x, None, act_pts, weights, biases, x.dtype, outs, quantize=True)
 
 

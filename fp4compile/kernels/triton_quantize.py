@@ -1,4 +1,5 @@
-"""Triton NVFP4 activation quantize: one read of ``x``, packed e2m1 pairs and e4m3 block scales out.
+"""Triton NVFP4 activation quantize: one read of ``x``, packed e2m1 pairs and e4m3 block scales out, or the
+quantized values themselves (``quantize_values``: ``e2m1 * S_b``, exact in bf16/fp16) for GEMMs that take them so.
 
     S_b = e4m3(clamp((amax_block / 6) / pts, 2**-6, 448));  q = rne_e2m1(clamp(x * ((1 / pts) / S_b), -6, 6))
 
@@ -127,6 +128,33 @@ def _quantize_kernel(
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     tl.store(scales_ptr + rows[:, None] * (K // 16) + groups[None, :], s_code,
              mask=(rows[:, None] < M) & (groups[None, :] < K // 16))
+
+
+@triton.jit
+def _values_kernel(x_ptr, pts_ptr, out_ptr, M, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As ``_quantize_kernel``, but each tile's values ``e2m1 * S_b`` are stored in ``out``'s dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    values = quantized_values(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 16, 16)), tl.load(pts_ptr))
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :],
+             tl.reshape(values, (BLOCK_M, BLOCK_K)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x [..., K]`` -> its NVFP4 values without the per-tensor scale, ``e2m1 * S_b`` as ``dtype`` (exact for bf16,
+    fp16 and fp32: at most 6 significant bits, magnitudes 2**-10 to 2688), equal to dequantizing
+    :func:`quantize_blocks`'s output. One launch where quantize + dequantize take two, and no packed bytes written."""
+    nvfp4.check_quantizable(x)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    if x2.shape[0]:
+        grid = (triton.cdiv(x2.shape[0], BLOCK_M), triton.cdiv(k, BLOCK_K))
+        _values_kernel[grid](x2, pts.float().reshape(()), out, x2.shape[0], k, x2.stride(0), x2.stride(1),
+                             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return out.view(x.shape)
 
 
 def quantize_blocks(x: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
