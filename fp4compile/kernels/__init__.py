@@ -12,7 +12,8 @@ picks a kernel by device:
 - anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
   reason logged once per reason.
 
-The activation quantize (``quantize_blocks``) runs the Triton kernel of ``triton_quantize`` on any CUDA device.
+The activation quantize (``quantize_blocks`` to packed NVFP4, ``quantize_values`` to the exact values ``e2m1 * S_b``
+that a GEMM of more than one row reads) runs the Triton kernels of ``triton_quantize`` on any CUDA device.
 Triton is imported lazily, so this module imports on machines without it.
 """
 
