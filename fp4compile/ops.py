@@ -258,20 +258,20 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
       to ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMV for one row; for
       more, tensor cores with the weight dequantized in registers: on Hopper the fused Gluon kernel, elsewhere the
       Triton one);
-    - "quantizing kernel": ``quantizes`` on CUDA with as many rows: the kernel op that takes the high-precision
-      activation (``quantize_gemm_kernel``). The GEMV quantizes its one row in registers, its dynamic per-tensor
-      scale included: one launch, nothing written between the quantize and the GEMM. More rows: the dynamic scale
-      is Inductor's (fused with the activation's producer) and the op runs ``quantize_values`` and the kernel, two
-      launches where a packed activation took three (quantize, dequantize, GEMM);
+    - "quantizing kernel": ``quantizes`` on CUDA, up to ``kernels.DIRECT_MAX_ROWS`` rows: the kernel op that takes
+      the high-precision activation (``quantize_gemm_kernel``). The GEMV quantizes its one row in registers, its
+      dynamic per-tensor scale included: one launch, nothing written between the quantize and the GEMM. More rows:
+      the dynamic scale is Inductor's (fused with the activation's producer) and the op runs ``quantize_values``
+      and the kernel, two launches where a packed activation took three (quantize, dequantize, GEMM);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 (the weight by an Inductor kernel,
       the activation of ``fp4::gemm`` by ``quantize_values``), ``_mm_f32`` (cuBLAS, fp32 accumulator), then global
       scales, bias and the cast in an Inductor kernel that fuses with what follows; a GEMM given ``alphas`` (as the
       backend's pass emits ``gemm_a16``, and ``gemm`` with a static activation scale) runs ``_mm_alpha`` instead,
       one cuBLAS call with alpha and the bias.
-      Launched by Inductor's own code, so the CPU cost per layer stays small: the fused kernel is faster on the
-      GPU at 1024 rows, but each call of the kernel op costs 260-350 us of CPU, which made a 32-layer
-      Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives 0.76-0.81x; tools/KERNEL_NOTES.md,
-      version 15). The dequantize (with ``_mm_f32``: dequantize + GEMM) is generated once per operand shape
+      Launched by Inductor's own code (nvfp4's ``quantize_values`` aside, an extern call), so the CPU cost per
+      layer stays small: the fused kernel is faster on the GPU at 1024 rows, but each call of the kernel op costs
+      260-350 us of CPU, which made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan
+      gives 0.76-0.81x; tools/KERNEL_NOTES.md, version 15). The dequantize (with ``_mm_f32``: dequantize + GEMM) is generated once per operand shape
       (``_generated_once``), not once per layer. ``format.dequantize_blocks_by_bits`` both compiles and runs
       faster there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call
       37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08 ms, the same logits). A group of weights runs one GEMM
