@@ -268,16 +268,16 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
       scales, bias and the cast in an Inductor kernel that fuses with what follows; a GEMM given ``alphas`` (as the
       backend's pass emits ``gemm_a16``, and ``gemm`` with a static activation scale) runs ``_mm_alpha`` instead,
       one cuBLAS call with alpha and the bias.
-      Launched by Inductor's own code (nvfp4's ``quantize_values`` aside, an extern call), so the CPU cost per
-      layer stays small: the fused kernel is faster on the GPU at 1024 rows, but each call of the kernel op costs
-      260-350 us of CPU, which made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan
-      gives 0.76-0.81x; tools/KERNEL_NOTES.md, version 15). The dequantize (with ``_mm_f32``: dequantize + GEMM) is generated once per operand shape
-      (``_generated_once``), not once per layer. ``format.dequantize_blocks_by_bits`` both compiles and runs
-      faster there than the reference's arithmetic decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call
-      37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08 ms, the same logits). A group of weights runs one GEMM
-      per weight here: every way of stacking them for one cuBLAS call made Inductor's dequantize slower than the
-      GEMM saved (H200, M = 1024, q/k/v of Llama-3-8B: 158 us stacked against 104 us one by one;
-      tools/KERNEL_NOTES.md, version 10).
+      Launched by Inductor's own code (nvfp4's ``quantize_values`` aside, an extern call), so the CPU cost per layer
+      stays small: the fused kernel is faster on the GPU at 1024 rows, but each call of the kernel op costs 260-350
+      us of CPU, which made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives
+      0.76-0.81x; tools/KERNEL_NOTES.md, version 15). The dequantize (with ``_mm_f32``: dequantize + GEMM) is
+      generated once per operand shape (``_generated_once``), not once per layer.
+      ``format.dequantize_blocks_by_bits`` both compiles and runs faster there than the reference's arithmetic
+      decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08 ms,
+      the same logits). A group of weights runs one GEMM per weight here: every way of stacking them for one cuBLAS
+      call made Inductor's dequantize slower than the GEMM saved (H200, M = 1024, q/k/v of Llama-3-8B: 158 us
+      stacked against 104 us one by one; tools/KERNEL_NOTES.md, version 10).
     """
     from . import kernels
 
