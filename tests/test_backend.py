@@ -314,9 +314,11 @@ def test_grouped_linears_compute_what_separate_ones_do(monkeypatch, scheme, plan
     assert torch.equal(grouped, separate)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4a16"])
-def test_multi_row_cuda_plan_compiles_and_matches(monkeypatch, scheme):
-    """The CUDA plan for more than one row (dequantize, an fp32-output mm, epilogue), forced onto the CPU."""
+def test_multi_row_cuda_plan_compiles_and_matches(monkeypatch, scheme, dtype):
+    """The CUDA plan for more than one row (dequantize, an fp32-output mm, epilogue), forced onto the CPU; nvfp4's
+    activation values are bf16 for an fp32 model, in the activation's dtype otherwise."""
     import fp4compile.ops
 
     monkeypatch.setattr(fp4compile.ops, "_gemm_plan",
@@ -326,13 +328,13 @@ def test_multi_row_cuda_plan_compiles_and_matches(monkeypatch, scheme):
     # hides an Inductor config entry for the rest of the session.
     with torch._inductor.config.patch(fx_graph_cache=False):
         torch.manual_seed(0)
-        model, x = MLP().to(torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+        model, x = MLP().to(dtype), torch.randn(2, 5, 64, dtype=dtype)
         with torch.no_grad():
             _, code = run_and_get_code(compile_fp4(model, scheme=scheme), x)
             out = compile_fp4(model, scheme=scheme)(x)
         assert "extern_kernels.mm(" in code[0] and "torch.ops.fp4.gemm" not in code[0]
         torch.testing.assert_close(out, emulate_mlp(model, x, scheme), rtol=1e-2, atol=1e-3)
-        one_row = torch.randn(1, 64, dtype=torch.bfloat16)
+        one_row = torch.randn(1, 64, dtype=dtype)
         with torch.no_grad():
             _, code = run_and_get_code(compile_fp4(model, scheme=scheme), one_row)
         assert "torch.ops.fp4.gemm" in code[0] and "extern_kernels.mm(" not in code[0]
