@@ -140,6 +140,12 @@ def quantize_blocks(x: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Te
     return pack(e2m1_codes(y).flatten(-2)), scales
 
 
+def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x``'s NVFP4 values without the per-tensor scale, ``e2m1 * S_b``, as ``dtype`` (exact for bf16, fp16 and
+    fp32: at most 6 significant bits, magnitudes 2**-10 to 2688): :func:`quantize_blocks`, then dequantized."""
+    return dequantize_blocks_by_bits(*quantize_blocks(x, pts), dtype)
+
+
 def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None, *, two_level: bool = True) -> NVFP4Tensor:
     """Quantize ``x`` (fp32, bf16 or fp16, shape ``[..., K]`` with K % 16 == 0) to NVFP4.
 

@@ -90,8 +90,14 @@ def _block_quantizer(device: torch.device):
     return torch.ops.fp4.quantize_blocks if device.type == "cuda" else _plain_quantize_blocks
 
 
+def _activation_scale(x: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """The per-tensor scale ``x`` is quantized with: its own (dynamic), or a copy of the static ``global_scale`` as an
+    fp32 scalar (a copy, so that no output of a generated region aliases its input)."""
+    return nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
+
+
 def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
-    pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
+    pts = _activation_scale(x, global_scale)
     packed, scales = _block_quantizer(x.device)(x, pts)
     return packed, scales, pts
 
@@ -100,8 +106,7 @@ def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
 def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x``'s NVFP4 values ``e2m1 * S_b`` for the per-tensor scale ``pts`` (which they leave out), exact as ``dtype``
     (bf16, fp16 or fp32): what dequantizing ``quantize_blocks``'s output gives; on CUDA one Triton kernel."""
-    packed, scales = nvfp4.quantize_blocks(x, pts)
-    return nvfp4.dequantize_blocks_by_bits(packed, scales, dtype)
+    return nvfp4.quantize_values(x, pts, dtype)
 
 
 quantize_values.register_fake(lambda x, pts, dtype: x.new_empty(x.shape, dtype=dtype))
@@ -305,7 +310,7 @@ def _mm_alpha_each(a: torch.Tensor, w_packed, w_scales, bias, alphas, lead) -> l
 def _quantized_values(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     """``x``'s NVFP4 values ``e2m1 * S_b`` as ``[rows, K]``, exact in x's dtype (bf16 for fp32 x), and its per-tensor
     scale: the activation operand of the large-M plan."""
-    pts = nvfp4.global_scale_of(x) if global_scale is None else global_scale.float().reshape(()).clone()
+    pts = _activation_scale(x, global_scale)
     dtype = x.dtype if x.dtype in _DEQUANTIZE_TO else torch.bfloat16
     return torch.ops.fp4.quantize_values(x.flatten(0, -2), pts, dtype), pts
 

@@ -227,14 +227,19 @@ def _triton_quantize_problem() -> str | None:
     return None
 
 
-def quantize_values(x, pts, dtype):
-    """NVFP4 values ``e2m1 * S_b`` of a CUDA activation for a given per-tensor scale, as ``dtype`` (exact for
-    bf16/fp16/fp32): what dequantizing :func:`quantize_blocks`'s output without ``pts`` gives, in one kernel."""
+def _quantize_problem(x, pts) -> str | None:
+    """Why the Triton activation quantize cannot take ``x`` and ``pts`` (its fallback notice logged), or None."""
     reason = _triton_quantize_problem() or (None if pts.device == x.device else "pts is on another device")
     if reason is not None:
         _fallback_notice(f"{reason}; quantizing with the slow exact reference")
-        packed, scales = nvfp4.quantize_blocks(x, pts)
-        return nvfp4.dequantize_blocks_by_bits(packed, scales, dtype)
+    return reason
+
+
+def quantize_values(x, pts, dtype):
+    """NVFP4 values ``e2m1 * S_b`` of a CUDA activation for a given per-tensor scale, as ``dtype`` (exact for
+    bf16/fp16/fp32): what dequantizing :func:`quantize_blocks`'s output without ``pts`` gives, in one kernel."""
+    if _quantize_problem(x, pts) is not None:
+        return nvfp4.quantize_values(x, pts, dtype)
     from . import triton_quantize
 
     return triton_quantize.quantize_values(x, pts, dtype)
@@ -242,9 +247,7 @@ def quantize_values(x, pts, dtype):
 
 def quantize_blocks(x, pts):
     """NVFP4 block quantize of a CUDA activation for a given per-tensor scale -> (packed, scales) as uint8."""
-    reason = _triton_quantize_problem() or (None if pts.device == x.device else "pts is on another device")
-    if reason is not None:
-        _fallback_notice(f"{reason}; quantizing with the slow exact reference")
+    if _quantize_problem(x, pts) is not None:
         packed, scales = nvfp4.quantize_blocks(x, pts)
         return packed, scales.view(torch.uint8)
     from . import triton_quantize

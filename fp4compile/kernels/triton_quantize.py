@@ -99,6 +99,17 @@ def quantized_values(xb, pts):
 
 
 @triton.jit
+def _tile_blocks(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_K] tile of x as fp32 blocks [BLOCK_M, BLOCK_K/16, 16], with its rows, columns
+    and mask (rows past M and columns past K load 0)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    return tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 16, 16)), rows, cols, mask
+
+
+@triton.jit
 def _quantize_kernel(
     # pointers
     x_ptr, pts_ptr, packed_ptr, scales_ptr,
@@ -111,11 +122,7 @@ def _quantize_kernel(
 ):
     """One [BLOCK_M, BLOCK_K] tile of x per program; rows past M and columns past K are masked."""
     GROUPS: tl.constexpr = BLOCK_K // 16
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    xb = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS, 16))
+    xb, rows, _, _ = _tile_blocks(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K)
     pts = tl.load(pts_ptr)
     s, s_code = block_scales(xb, pts)
     codes = tl.reshape(e2m1_codes(xb, s, pts), (BLOCK_M, BLOCK_K // 2, 2))
@@ -133,11 +140,8 @@ def _quantize_kernel(
 @triton.jit
 def _values_kernel(x_ptr, pts_ptr, out_ptr, M, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """As ``_quantize_kernel``, but each tile's values ``e2m1 * S_b`` are stored in ``out``'s dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    values = quantized_values(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 16, 16)), tl.load(pts_ptr))
+    xb, rows, cols, mask = _tile_blocks(x_ptr, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K)
+    values = quantized_values(xb, tl.load(pts_ptr))
     tl.store(out_ptr + rows[:, None] * K + cols[None, :],
              tl.reshape(values, (BLOCK_M, BLOCK_K)).to(out_ptr.dtype.element_ty), mask=mask)
 
