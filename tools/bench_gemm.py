@@ -5,13 +5,15 @@
 For each weight shape (N, K) and batch M: the median time (triton.testing.do_bench, L2 flushed between runs) of
 cuBLAS bf16 ``F.linear``, fp4compile nvfp4a16 (``torch.ops.fp4.gemm_a16``) and nvfp4 (``torch.ops.fp4.gemm``, which
 quantizes its activation), both under torch.compile as the backend runs them, the quantize alone, the
-ratios to bf16 and the floors (bytes over the measured copy bandwidth, FLOPs over the measured bf16 rate). At
+ratios to bf16 and the floors (bytes over the measured copy bandwidth, FLOPs over the measured bf16 rate), timed
+with Python's garbage collector off (as ``timeit`` does) and cuBLAS's reduced-precision reductions off for fp4. At
 decode sizes and M=128 it also times CUDA-graph replays over enough weight copies to miss L2. Each fp4 result is checked
 against an fp32 product of the dequantized operands. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
 set); a short table is printed last.
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -32,7 +34,16 @@ TARGETS = {1: (3.0, 2.5), 16: (3.0, 2.5), 128: (2.0, 1.5), 4096: (0.9, 0.8)}  # 
 
 
 def median_us(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    """Median of ``fn``'s time in us, with Python's garbage collector off while timing, as ``timeit`` does: the
+    collections that the compiled calls' allocations set off otherwise land in the timed calls (H200, one shape and
+    every M: nvfp4 at 4096^2, M = 4096 took 557.7 us with the collector on for the whole run, 259.2 us with it off;
+    tools/KERNEL_NOTES.md, version 24)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    finally:
+        gc.enable()
 
 
 def write_rows(path: str | None, rows: list) -> None:
@@ -82,23 +93,26 @@ def bench_point(n, k, m, weights, ceil, quant, a16_compiled, w4a4_compiled) -> d
     w_deq = nvfp4.dequantize_parts(*w_fp4)
 
     def a16(w=w_fp4):
-        with fp32_gemm_reductions():  # as the backend calls its compiled graphs
-            return a16_compiled(x, *w)
+        return a16_compiled(x, *w)
 
     def w4a4(w=w_fp4):
-        with fp32_gemm_reductions():
-            return w4a4_compiled(x, *w)
+        return w4a4_compiled(x, *w)
 
     a_deq = nvfp4.dequantize_parts(*quant(x))
-    row = {
-        "N": n, "K": k, "M": m,
-        "err_a16": rel_err(a16(), x.float() @ w_deq.t()),
-        "err_nvfp4": rel_err(w4a4(), a_deq @ w_deq.t()),
-        "bf16_us": median_us(lambda: F.linear(x, w_bf16[0])),
-        "a16_us": median_us(a16),
-        "nvfp4_us": median_us(w4a4),
-        "quant_us": median_us(lambda: quant(x)),
-    }
+    row = {"N": n, "K": k, "M": m, "bf16_us": median_us(lambda: F.linear(x, w_bf16[0]))}
+    # The fp4 GEMMs run with cuBLAS's reduced-precision reductions off, as the backend runs its compiled graphs. The
+    # backend sets that once per call of a whole graph (all of a model's layers), so here it is set once around the
+    # timing, not inside each timed call: toggled around every call of a compiled function, it added 15 us (a
+    # one-kernel function) to 60 us (nvfp4a16, M = 1024) of CPU to each call on an H200 host, while the toggle by
+    # itself took 3.5 us.
+    with fp32_gemm_reductions():
+        row.update({
+            "err_a16": rel_err(a16(), x.float() @ w_deq.t()),
+            "err_nvfp4": rel_err(w4a4(), a_deq @ w_deq.t()),
+            "a16_us": median_us(a16),
+            "nvfp4_us": median_us(w4a4),
+        })
+    row["quant_us"] = median_us(lambda: quant(x))
     gb = ceil["copy_GBps"] * 1e3  # bytes per microsecond
     flop_us = 2 * m * n * k / (ceil["bf16_TFLOPs"] * 1e6)
     row["floor_bf16_us"] = max((2 * n * k + 2 * m * k + 2 * m * n) / gb, flop_us)
@@ -113,8 +127,9 @@ def bench_point(n, k, m, weights, ceil, quant, a16_compiled, w4a4_compiled) -> d
         fp4_copies = [tuple(t.clone() for t in w_fp4) for _ in range(copies)]
         bf16_copies = [w_bf16[0].clone() for _ in range(max(2, math.ceil(3 * l2 / (2 * n * k))))]
         row["graph_bf16_us"] = graph_us([lambda w=w: F.linear(x, w) for w in bf16_copies])
-        row["graph_a16_us"] = graph_us([lambda w=w: a16(w) for w in fp4_copies])
-        row["graph_nvfp4_us"] = graph_us([lambda w=w: w4a4(w) for w in fp4_copies])
+        with fp32_gemm_reductions():
+            row["graph_a16_us"] = graph_us([lambda w=w: a16(w) for w in fp4_copies])
+            row["graph_nvfp4_us"] = graph_us([lambda w=w: w4a4(w) for w in fp4_copies])
         row["graph_a16_x"] = row["graph_bf16_us"] / row["graph_a16_us"]
         row["graph_nvfp4_x"] = row["graph_bf16_us"] / row["graph_nvfp4_us"]
     return row
