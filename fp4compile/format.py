@@ -56,12 +56,20 @@ def check_quantizable(x: torch.Tensor) -> None:
         raise ValueError(f"NVFP4 needs the last dimension (K) to be a multiple of {BLOCK_SIZE}, got K={k}")
 
 
+def div_rn(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """``a / b`` as the correctly rounded fp32 quotient, also in the Triton code Inductor generates, where an fp32
+    ``/`` is an approximate division (``div.full.f32``): divided in fp64 and rounded to fp32, which gives that same
+    quotient (fp64 has more than twice fp32's precision, so the double rounding is harmless). Without it the
+    compiled dynamic activation scale was off by an ulp for 15-22% of random tensors on an H200.
+
+    A quotient that feeds another ``div_rn`` must pass through a reshape first: torch 2.11 merges a cast to fp32
+    followed by a cast to fp64 into no cast at all (Inductor's ``pointless_convert``), which would skip the rounding."""
+    return (a.double() / (b.double() if isinstance(b, torch.Tensor) else b)).float()
+
+
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """pts = amax / (448 * 6), the correctly rounded fp32 quotient. Divided in fp64 and rounded to fp32, which gives
-    that same quotient (fp64 has more than twice fp32's precision, so the double rounding is harmless), because in
-    the Triton code Inductor generates an fp32 ``/`` is an approximate division (``div.full.f32``): the compiled
-    dynamic activation scale was off by an ulp for 15-22% of random tensors on an H200."""
-    return (amax.double() / (F8_E4M3_MAX * F4_E2M1_MAX)).float()
+    """pts = amax / (448 * 6), the correctly rounded fp32 quotient."""
+    return div_rn(amax, F8_E4M3_MAX * F4_E2M1_MAX)
 
 
 def global_scale_of(x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +148,28 @@ def quantize_blocks(x: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Te
     return pack(e2m1_codes(y).flatten(-2)), scales
 
 
+def round_to_e4m3(s: torch.Tensor) -> torch.Tensor:
+    """fp32 ``s`` within [2**-6, 448], or NaN, rounded to the nearest e4m3 value (ties to even) and kept as fp32:
+    the mantissa rounded to 3 bits on the fp32 bits. Equal to ``s.to(torch.float8_e4m3fn).float()`` there (every
+    such value rounds to an e4m3 normal) without an fp8 type, which Triton lacks before sm_89. A NaN is kept apart:
+    on the GPU its bits may be 0x7FFFFFFF, whose rounding would carry into the sign."""
+    bits = s.view(torch.int32)
+    rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).view(torch.float32)
+    return torch.where(s.isnan(), s, rounded)
+
+
 def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x``'s NVFP4 values without the per-tensor scale, ``e2m1 * S_b``, as ``dtype`` (exact for bf16, fp16 and
-    fp32: at most 6 significant bits, magnitudes 2**-10 to 2688): :func:`quantize_blocks`, then dequantized."""
-    return dequantize_blocks_by_bits(*quantize_blocks(x, pts), dtype)
+    fp32: at most 6 significant bits, magnitudes 2**-10 to 2688): :func:`quantize_blocks`, then dequantized, bit
+    for bit (tested). Written for Inductor to generate as one kernel on any device: the divisions by :func:`div_rn`
+    (each quotient reshaped before the next division, see there), the block scales rounded by
+    :func:`round_to_e4m3`, no packing."""
+    xb = x.float().unflatten(-1, (-1, BLOCK_SIZE))
+    s = div_rn(div_rn(xb.abs().amax(dim=-1), F4_E2M1_MAX).unsqueeze(-1), pts)  # [..., K/16, 1]
+    s = round_to_e4m3(s.clamp(min=F8_E4M3_MIN_SCALE, max=F8_E4M3_MAX))
+    recip = div_rn(div_rn(torch.ones_like(pts), pts).reshape(1), s)  # pts.reciprocal() / S_b, as quantize_blocks
+    y = (xb * recip).clamp(-F4_E2M1_MAX, F4_E2M1_MAX)
+    return (e2m1_to_float_by_bits(e2m1_codes(y)) * s).flatten(-2).to(dtype)
 
 
 def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None, *, two_level: bool = True) -> NVFP4Tensor:

@@ -2,7 +2,6 @@
 
     fp4::quantize_act(x [..., K], global_scale?) -> (packed u8 [..., K/2], scales u8 [..., K/16], pts f32 [])
     fp4::quantize_blocks(x [..., K], pts) -> (packed, scales)        (quantize_act's second half)
-    fp4::quantize_values(x [..., K], pts, dtype) -> [..., K]      (e2m1 * S_b, exact: what a GEMM dequantizes)
     fp4::gemm(x [..., K], act_pts?, w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
                                         (NVFP4 x NVFP4: x quantized with the static scale act_pts, or dynamically)
     fp4::gemm_a16(x [..., K], w_packed[], w_scales[], w_pts[], bias?[], alphas?) -> [[..., N_i]]
@@ -23,10 +22,11 @@ activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``. On CPU: the kernel op (the reference), ``gemm``'s activation
 quantized first (``quantize_act``'s decomposition). On CUDA up to 128 rows: the kernel ops, ``gemm``'s being
 ``quantize_gemm_kernel``, which takes the high-precision activation (the GEMV quantizes one row in registers; more
-rows go through ``quantize_values`` inside the op). On CUDA with more rows: an exact dequantize (for ``gemm`` the
-activation by ``quantize_values``) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the global
-scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates each
-dequantize once per shape, not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``.
+rows go through the Triton kernel ``quantize_values`` inside the op). On CUDA with more rows: an exact dequantize
+(for ``gemm`` the activation by ``format.quantize_values``, Inductor's code) and cuBLAS per weight: given ``alphas``,
+aten ``addmm`` that applies the global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a
+fused epilogue. Inductor generates each dequantize once per shape, not once per layer. On CUDA the ops' eager
+implementations dispatch to ``kernels``.
 """
 
 import torch
@@ -100,16 +100,6 @@ def _quantize_act(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     pts = _activation_scale(x, global_scale)
     packed, scales = _block_quantizer(x.device)(x, pts)
     return packed, scales, pts
-
-
-@torch.library.custom_op("fp4::quantize_values", mutates_args=())
-def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x``'s NVFP4 values ``e2m1 * S_b`` for the per-tensor scale ``pts`` (which they leave out), exact as ``dtype``
-    (bf16, fp16 or fp32): what dequantizing ``quantize_blocks``'s output gives; on CUDA one Triton kernel."""
-    return nvfp4.quantize_values(x, pts, dtype)
-
-
-quantize_values.register_fake(lambda x, pts, dtype: x.new_empty(x.shape, dtype=dtype))
 
 
 @torch.library.custom_op("fp4::quantize_act", mutates_args=())
@@ -266,18 +256,19 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
     - "quantizing kernel": ``quantizes`` on CUDA, up to ``kernels.DIRECT_MAX_ROWS`` rows: the kernel op that takes
       the high-precision activation (``quantize_gemm_kernel``). The GEMV quantizes its one row in registers, its
       dynamic per-tensor scale included: one launch, nothing written between the quantize and the GEMM. More rows:
-      the dynamic scale is Inductor's (fused with the activation's producer) and the op runs ``quantize_values``
-      and the kernel, two launches where a packed activation took three (quantize, dequantize, GEMM);
+      the dynamic scale is Inductor's (fused with the activation's producer) and the op runs the Triton
+      ``quantize_values`` and the kernel, two launches where a packed activation took three (quantize, dequantize,
+      GEMM);
     - "dequantize": CUDA, more rows; the operands dequantized to exact bf16/fp16 (the weight by an Inductor kernel,
-      the activation of ``fp4::gemm`` by ``quantize_values``), ``_mm_f32`` (cuBLAS, fp32 accumulator), then global
-      scales, bias and the cast in an Inductor kernel that fuses with what follows; a GEMM given ``alphas`` (as the
-      backend's pass emits ``gemm_a16``, and ``gemm`` with a static activation scale) runs ``_mm_alpha`` instead,
-      one cuBLAS call with alpha and the bias.
-      Launched by Inductor's own code (nvfp4's ``quantize_values`` aside, an extern call), so the CPU cost per layer
-      stays small: the fused kernel is faster on the GPU at 1024 rows, but each call of the kernel op costs 260-350
-      us of CPU, which made a 32-layer Llama-3-8B prefill CPU-bound (H200: 0.35x of bf16, where this plan gives
-      0.76-0.81x; tools/KERNEL_NOTES.md, version 15). The dequantize (with ``_mm_f32``: dequantize + GEMM) is
-      generated once per operand shape (``_generated_once``), not once per layer.
+      the activation of ``fp4::gemm`` by ``format.quantize_values``), ``_mm_f32`` (cuBLAS, fp32 accumulator), then
+      global scales, bias and the cast in an Inductor kernel that fuses with what follows; a GEMM given ``alphas``
+      (as the backend's pass emits ``gemm_a16``, and ``gemm`` with a static activation scale) runs ``_mm_alpha``
+      instead, one cuBLAS call with alpha and the bias.
+      Launched by Inductor's own code, so the CPU cost per layer stays small: the fused kernel is faster on the GPU at
+      1024 rows, but each call of the kernel op costs 260-350 us of CPU, which made a 32-layer Llama-3-8B prefill
+      CPU-bound (H200: 0.35x of bf16, where this plan gives 0.76-0.81x; tools/KERNEL_NOTES.md, version 15). The
+      dequantize (with ``_mm_f32``: dequantize + GEMM) is generated once per operand shape (``_generated_once``), not
+      once per layer.
       ``format.dequantize_blocks_by_bits`` both compiles and runs faster there than the reference's arithmetic
       decode (H200, 16 Llama-3-8B layers, nvfp4a16: first call 37.3 -> 30.9 s, 1024-token prefill 17.44 -> 16.08 ms,
       the same logits). A group of weights runs one GEMM per weight here: every way of stacking them for one cuBLAS
@@ -309,10 +300,12 @@ def _mm_alpha_each(a: torch.Tensor, w_packed, w_scales, bias, alphas, lead) -> l
 
 def _quantized_values(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     """``x``'s NVFP4 values ``e2m1 * S_b`` as ``[rows, K]``, exact in x's dtype (bf16 for fp32 x), and its per-tensor
-    scale: the activation operand of the large-M plan."""
+    scale: the activation operand of the large-M plan. Plain torch, which Inductor generates itself (the amax, then
+    one kernel for the values): as an extern call of the Triton kernel of the same values, each call cost enough
+    CPU to make a compiled nvfp4 prefill CPU-bound (tools/KERNEL_NOTES.md, version 24)."""
     pts = _activation_scale(x, global_scale)
     dtype = x.dtype if x.dtype in _DEQUANTIZE_TO else torch.bfloat16
-    return torch.ops.fp4.quantize_values(x.flatten(0, -2), pts, dtype), pts
+    return nvfp4.quantize_values(x.flatten(0, -2), pts, dtype), pts
 
 
 @register_decomposition(torch.ops.fp4.gemm.default)
@@ -380,7 +373,6 @@ def _register_cuda_kernels() -> None:
     from . import kernels
 
     quantize_blocks.register_kernel("cuda")(kernels.quantize_blocks)
-    quantize_values.register_kernel("cuda")(kernels.quantize_values)
     gemm.register_kernel("cuda")(_ignoring_alphas(kernels.quantize_gemm))
     gemm_kernel.register_kernel("cuda")(kernels.gemm)
     quantize_gemm_kernel.register_kernel("cuda")(kernels.quantize_gemm)

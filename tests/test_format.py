@@ -137,10 +137,49 @@ def test_decode_by_bits_equals_the_arithmetic_decode():
         assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))  # bit patterns, so -0.0 counts
 
 
+def _finite_floats(n: int, seed: int) -> torch.Tensor:
+    """Random fp32 bit patterns over the whole positive finite range, subnormals included, with 0, the smallest
+    subnormal and the largest finite value."""
+    bits = torch.randint(0, 0x7F800000, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([bits.view(torch.float32), torch.tensor([0.0, 2.0**-149, torch.finfo(torch.float32).max])])
+
+
 def test_global_scale_is_the_correctly_rounded_fp32_quotient():
-    """The fp64 division rounded to fp32 (exact under Inductor's CUDA code, see global_scale_from_amax) equals
-    fp32's own correctly rounded division for every kind of fp32 amax: random bit patterns over the whole
-    positive range, subnormals and the largest finite value included."""
-    bits = torch.randint(0, 0x7F800000, (1_000_000,), dtype=torch.int32)
-    amax = torch.cat([bits.view(torch.float32), torch.tensor([0.0, 2.0**-149, torch.finfo(torch.float32).max])])
+    """The fp64 division rounded to fp32 (``div_rn``, exact under Inductor's CUDA code) equals fp32's own correctly
+    rounded division for every kind of fp32 amax, and for every kind of fp32 quotient."""
+    amax = _finite_floats(1_000_000, 0)
     assert torch.equal(nvfp4.global_scale_from_amax(amax), amax / 2688.0)
+    a, b = _finite_floats(1_000_000, 1), _finite_floats(1_000_000, 2) + 2.0**-149
+    assert torch.equal(nvfp4.div_rn(a, b).view(torch.int32), (a / b).view(torch.int32))
+
+
+def test_round_to_e4m3_is_the_fp8_cast_on_the_clamped_range():
+    """On [2**-6, 448], where quantize clamps its block scales, rounding on the fp32 bits gives the fp8 cast's value:
+    random fp32 in the range, every e4m3 value and every midpoint between neighbours (ties to even), and NaN."""
+    s = torch.empty(1_000_000).uniform_(-6.0, 8.81).exp2().clamp(2.0**-6, 448.0)  # 2**8.81 > 448
+    e4m3 = torch.arange(0x08, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 2**-6 ... 448
+    s = torch.cat([s, e4m3, (e4m3[1:] + e4m3[:-1]) / 2])
+    assert torch.equal(nvfp4.round_to_e4m3(s).view(torch.int32), s.to(torch.float8_e4m3fn).float().view(torch.int32))
+    assert nvfp4.round_to_e4m3(torch.tensor([float("nan")])).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quantize_values_are_the_dequantized_blocks(dtype):
+    """``quantize_values`` (written for Inductor) equals ``quantize_blocks`` then the dequantize, bit for bit (NaN
+    where the reference has NaN): random magnitudes over 12 decades, blocks of zeros, tiny, huge, a NaN, an inf,
+    the e2m1 ties, and static scales that clamp the block scales at both ends."""
+    torch.manual_seed(0)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    for i in range(40):
+        x = torch.randn(6, 64) * torch.rand(6, 1) * 10 ** torch.empty(()).uniform_(-6, 6)
+        x[0, :16], x[1, 16:32], x[2, 32:48] = 0.0, 1e-30, x[2, 32:48] * 1e30
+        x[3, :16] = torch.cat([ties, -ties]) * 2 ** torch.randint(-4, 5, ())
+        x[4, i % 64] = (float("nan"), float("inf"), -0.0)[i % 3]
+        x = x.to(dtype)
+        for pts in (nvfp4.global_scale_of(x), torch.tensor(1 / 448), torch.tensor(1.0), torch.tensor(1e-12)):
+            packed, scales = nvfp4.quantize_blocks(x, pts)
+            for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+                values = nvfp4.quantize_values(x, pts, out_dtype)
+                expect = nvfp4.dequantize_parts(packed, scales, None, out_dtype)
+                assert values.dtype == out_dtype and torch.equal(values.isnan(), expect.isnan())
+                assert torch.equal(values.nan_to_num().view(torch.uint8), expect.nan_to_num().view(torch.uint8))

@@ -21,8 +21,6 @@ def test_opcheck_every_op(dtype):
     torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, None))
     torch.library.opcheck(torch.ops.fp4.quantize_act.default, (x, torch.tensor(0.01)))
     torch.library.opcheck(torch.ops.fp4.quantize_blocks.default, (x, torch.tensor(0.01)))
-    for values_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        torch.library.opcheck(torch.ops.fp4.quantize_values.default, (x, torch.tensor(0.01), values_dtype))
     for act_pts in (None, torch.tensor(0.01)):
         torch.library.opcheck(torch.ops.fp4.gemm.default, (x, act_pts, [wp], [ws], [wpts], [bias]))
         torch.library.opcheck(torch.ops.fp4.quantize_gemm_kernel.default, (x, act_pts, [wp], [ws], [wpts], [bias]))
@@ -47,16 +45,6 @@ def test_quantize_act_matches_format_and_crosses_as_uint8():
     assert packed.dtype == scales.dtype == torch.uint8
     assert torch.equal(packed, q.packed) and torch.equal(scales, q.scales.view(torch.uint8))
     assert torch.equal(pts, q.global_scale)
-
-
-def test_quantize_values_are_the_dequantized_blocks():
-    x = torch.randn(7, 48) * 5
-    pts = nvfp4.global_scale_of(x)
-    packed, scales = nvfp4.quantize_blocks(x, pts)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        values = torch.ops.fp4.quantize_values(x, pts, dtype)
-        assert values.dtype == dtype
-        assert torch.equal(values.float() * pts, nvfp4.dequantize_parts(packed, scales, pts))
 
 
 def test_gemm_is_the_dequantized_fp32_product():

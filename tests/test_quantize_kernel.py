@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def check_bitwise(x: torch.Tensor, pts: torch.Tensor | None = None):
     """Both kernels against the reference: packed values and block scales, and the values ``e2m1 * S_b`` as bf16,
-    fp16 and fp32 (NaN where the reference has NaN)."""
+    fp16 and fp32 (NaN where the reference has NaN), which ``format.quantize_values`` must give too."""
     pts = nvfp4.global_scale_of(x) if pts is None else pts
     packed, scales = triton_quantize.quantize_blocks(x.to(DEVICE), pts.to(DEVICE))
     ref_packed, ref_scales = nvfp4.quantize_blocks(x, pts)
@@ -28,6 +28,8 @@ def check_bitwise(x: torch.Tensor, pts: torch.Tensor | None = None):
         assert values.shape == x.shape and values.dtype == dtype
         assert torch.equal(values.isnan(), expect.isnan()), f"{dtype} values: NaN where the reference has none"
         assert torch.equal(values.nan_to_num(), expect.nan_to_num()), f"{dtype} values differ"
+        plain = nvfp4.quantize_values(x, pts, dtype)
+        assert torch.equal(plain.isnan(), expect.isnan()) and torch.equal(plain.nan_to_num(), expect.nan_to_num())
 
 
 @pytest.mark.parametrize("shape", [(1, 16), (3, 48), (17, 272), (5, 2, 64)], ids=str)

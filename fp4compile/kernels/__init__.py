@@ -12,8 +12,9 @@ picks a kernel by device:
 - anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
   reason logged once per reason.
 
-The activation quantize (``quantize_blocks`` to packed NVFP4, ``quantize_values`` to the exact values ``e2m1 * S_b``
-that a GEMM of more than one row reads) runs the Triton kernels of ``triton_quantize`` on any CUDA device.
+The activation quantize to packed NVFP4 (``quantize_blocks``) runs the Triton kernel of ``triton_quantize`` on any
+CUDA device; so does, inside :func:`quantize_gemm`, the one to the exact values ``e2m1 * S_b`` that a GEMM of more
+than one row reads.
 Triton is imported lazily, so this module imports on machines without it.
 """
 
@@ -172,9 +173,9 @@ def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
     """NVFP4 x NVFP4 on CUDA from the high-precision activation ``x [..., K]``: x quantized with the static
     per-tensor scale ``act_pts`` (or its own, dynamic, when None), times each weight of the lists (as for
     :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, one row runs the GEMV that
-    quantizes in registers, one launch; more rows the quantize kernel writing exact values (``quantize_values``)
-    and the kernel that takes them, two. Blackwell (``torch._scaled_mm``) and inputs the kernels cannot take
-    quantize to packed NVFP4 first and then run :func:`gemm`."""
+    quantizes in registers, one launch; more rows the quantize kernel writing exact values
+    (``triton_quantize.quantize_values``) and the kernel that takes them, two. Blackwell (``torch._scaled_mm``) and
+    inputs the kernels cannot take quantize to packed NVFP4 first and then run :func:`gemm`."""
     nvfp4.check_quantizable(x)
     lead = x.shape[:-1]
     reason = _weights_problem(x.device, (x, act_pts), w_packed, w_scales, w_pts, bias)
@@ -227,27 +228,11 @@ def _triton_quantize_problem() -> str | None:
     return None
 
 
-def _quantize_problem(x, pts) -> str | None:
-    """Why the Triton activation quantize cannot take ``x`` and ``pts`` (its fallback notice logged), or None."""
+def quantize_blocks(x, pts):
+    """NVFP4 block quantize of a CUDA activation for a given per-tensor scale -> (packed, scales) as uint8."""
     reason = _triton_quantize_problem() or (None if pts.device == x.device else "pts is on another device")
     if reason is not None:
         _fallback_notice(f"{reason}; quantizing with the slow exact reference")
-    return reason
-
-
-def quantize_values(x, pts, dtype):
-    """NVFP4 values ``e2m1 * S_b`` of a CUDA activation for a given per-tensor scale, as ``dtype`` (exact for
-    bf16/fp16/fp32): what dequantizing :func:`quantize_blocks`'s output without ``pts`` gives, in one kernel."""
-    if _quantize_problem(x, pts) is not None:
-        return nvfp4.quantize_values(x, pts, dtype)
-    from . import triton_quantize
-
-    return triton_quantize.quantize_values(x, pts, dtype)
-
-
-def quantize_blocks(x, pts):
-    """NVFP4 block quantize of a CUDA activation for a given per-tensor scale -> (packed, scales) as uint8."""
-    if _quantize_problem(x, pts) is not None:
         packed, scales = nvfp4.quantize_blocks(x, pts)
         return packed, scales.view(torch.uint8)
     from . import triton_quantize
