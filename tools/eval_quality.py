@@ -83,6 +83,7 @@ GPTQ_VARIANTS = {
     "gptq-smooth0.85": {"smooth": 0.85},
     "gptq-tune128": {"tune_steps": 128},  # the defaults plus block output tuning (aimed at the unquantized model)
     "gptq-tune128-blend": {"tune_steps": 128, "tune_alpha": 0.5},  # aimed halfway, as nvfp4a16's asymmetric target
+    "gptq-tune256": {"tune_steps": 256},  # twice the steps: each code may move as far, in finer steps
 }
 
 
