@@ -137,6 +137,19 @@ def test_decode_by_bits_equals_the_arithmetic_decode():
         assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))  # bit patterns, so -0.0 counts
 
 
+def test_e2m1_round_equals_the_codes_decoded():
+    """``e2m1_round`` (fewer operations, for the values Inductor generates) equals rounding to codes and decoding
+    them: every 97th fp32 of [0, 6], each tie and its two neighbours on either side, both signs, -0 and NaN."""
+    swept = torch.arange(0, 0x40C00001, 97, dtype=torch.int32)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]).view(torch.int32)
+    near = (ties[:, None] + torch.arange(-2, 3, dtype=torch.int32)).flatten()
+    y = torch.cat([swept, near, torch.tensor([0x40C00000], dtype=torch.int32)]).view(torch.float32).clamp(max=6.0)
+    y = torch.cat([y, -y, torch.tensor([float("nan"), -float("nan")])])
+    got = nvfp4.e2m1_round(y)
+    expect = nvfp4.e2m1_to_float(nvfp4.e2m1_codes(y))
+    assert torch.equal(got.view(torch.int32), expect.view(torch.int32))  # bit patterns, so -0.0 and NaN's 0 count
+
+
 def _finite_floats(n: int, seed: int) -> torch.Tensor:
     """Random fp32 bit patterns over the whole positive finite range, subnormals included, with 0, the smallest
     subnormal and the largest finite value."""
