@@ -24,6 +24,8 @@ tiles would leave SMs idle; the last program of each tile to finish sums the fp3
 still one launch.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -297,14 +299,26 @@ def fused_kernel(a_desc, a_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bia
             gl.store(ticket_ptr, 0)
 
 
+def _zeroed_counters(device: torch.device) -> torch.Tensor:
+    counters = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    torch.cuda.synchronize(device)  # zero before any stream of the caller's thread reads them
+    return counters
+
+
 def _tickets(device: torch.device) -> torch.Tensor | None:
     """The split-K tile counters of ``device`` (zero between launches), made on first use; None while a CUDA graph
-    is being captured before they exist (they must not live in the graph's memory pool). Split launches on one
-    device share them, so they must not run concurrently on several streams (the backend uses one)."""
+    is being captured before they exist. Split launches on one device share them, so they must not run
+    concurrently on several streams (the backend uses one).
+
+    They must not live in a CUDA graph's memory pool: Inductor's CUDA graphs (``triton.cudagraphs``) run a graph
+    eagerly once first, with every allocation of the calling thread taken from their pool, and then refuse any
+    tensor of the pool that the graph did not return ("tensor(s) in the cudagraph pool not tracked as outputs").
+    So the counters are made by a thread of their own, whose allocations no pool takes, and waited for."""
     if device not in _TICKETS:
         if torch.cuda.is_current_stream_capturing():
             return None
-        _TICKETS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp4compile-tickets") as maker:
+            _TICKETS[device] = maker.submit(_zeroed_counters, device).result()
     return _TICKETS[device]
 
 
