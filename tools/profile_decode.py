@@ -9,9 +9,14 @@ decode step compiled with CUDA graphs) under ``torch.profiler``. "GEMM" is every
 fp4compile's GEMM path; the wall time that no kernel covers is launch gaps inside the CUDA graph plus the host work
 of ``generate()`` between steps. The numbers are per generated token over one call that also runs the prompt's
 prefill once.
+
+The GPU timeline is split into time with a kernel running, gaps under ``--gap-us`` (one kernel waiting for the next
+inside a CUDA graph) and longer gaps (the GPU waiting for the host: ``generate()``'s work between two graph
+replays). The host side lists the operations with the most CPU time of their own per generated token.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +49,33 @@ def kernel_times(prof) -> dict[str, tuple[int, float]]:
     return {name: (n, us) for name, (n, us) in rows.items()}
 
 
+def gpu_timeline(prof, gap_us: float) -> dict[str, float]:
+    """Total us with a kernel running, in gaps shorter than ``gap_us`` and in longer gaps, between the first kernel
+    and the last."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy = short = long = 0.0
+    if spans:
+        start, end = spans[0]
+        for s, e in spans[1:]:
+            if s > end:
+                busy += end - start
+                if s - end < gap_us:
+                    short += s - end
+                else:
+                    long += s - end
+                start = s
+            end = max(end, e)
+        busy += end - start
+    return {"busy_us": busy, "short_gaps_us": short, "long_gaps_us": long}
+
+
+def host_ops(prof, top: int) -> list[tuple[str, float, float]]:
+    """(name, calls, self CPU us) of the ``top`` host operations by their own CPU time."""
+    rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)[:top]
+    return [(r.key, r.count, r.self_cpu_time_total) for r in rows]
+
+
 def profile_config(model, scheme: str | None, group: bool, args, device) -> dict:
     torch._dynamo.reset()
     backend = "inductor" if scheme is None else "fp4"
@@ -72,9 +104,11 @@ def profile_config(model, scheme: str | None, group: bool, args, device) -> dict
     gemm = sum(us for name, (_, us) in kernels.items() if is_gemm(name))
     total = sum(us for _, us in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]
+    timeline = {k: v / tokens for k, v in gpu_timeline(prof, args.gap_us).items()}
     return {"wall_us": wall_us / tokens, "kernel_us": total / tokens, "gemm_us": gemm / tokens,
-            "launches": sum(n for n, _ in kernels.values()) / tokens,
-            "top": [(name, n / tokens, us / tokens) for name, (n, us) in top]}
+            "launches": sum(n for n, _ in kernels.values()) / tokens, **timeline,
+            "top": [(name, n / tokens, us / tokens) for name, (n, us) in top],
+            "host": [(name, n / tokens, us / tokens) for name, n, us in host_ops(prof, args.top)]}
 
 
 def main() -> None:
@@ -84,7 +118,9 @@ def main() -> None:
     p.add_argument("--configs", default="bf16,nvfp4a16")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--top", type=int, default=8, help="kernels listed per configuration")
+    p.add_argument("--top", type=int, default=8, help="kernels and host operations listed per configuration")
+    p.add_argument("--gap-us", type=float, default=20.0, help="shorter gaps between kernels count as inside a graph")
+    p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--tiny", action="store_true", help="tiny model sizes, for a dry run")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -96,6 +132,9 @@ def main() -> None:
         print(f"\n{config}: kernels per generated token, by GPU time")
         for name, n, us in r["top"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
+        print(f"{config}: host operations per generated token, by their own CPU time")
+        for name, n, us in r["host"]:
+            print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nper generated token ({args.new_tokens} tokens after a {args.prompt_len}-token prompt, "
           f"{model.config.num_hidden_layers} layers, {device_name})")
@@ -104,6 +143,12 @@ def main() -> None:
     for config, r in results.items():
         print(f"{config:>18} {r['wall_us']:9.0f} {r['kernel_us']:11.0f} {r['gemm_us']:9.0f} "
               f"{r['kernel_us'] - r['gemm_us']:9.0f} {r['wall_us'] - r['kernel_us']:15.0f} {r['launches']:9.0f}")
+    print(f"\nGPU timeline per generated token (profiled call): gaps under {args.gap_us:g} us count as inside a graph")
+    print(f"{'config':>18} {'kernel running':>15} {'short gaps':>11} {'long gaps':>10}")
+    for config, r in results.items():
+        print(f"{config:>18} {r['busy_us']:15.0f} {r['short_gaps_us']:11.0f} {r['long_gaps_us']:10.0f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": device_name, "args": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
