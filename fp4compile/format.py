@@ -150,12 +150,17 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shift) & 0xF).flatten(-2)
 
 
+def encode_scales(scales: torch.Tensor, pts: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 factors that take each block to e2m1's range: ``(1 / pts) / S_b``, the reciprocal first (``1 / S_b``
+    single level). The order of the two roundings is the reference's."""
+    return scales.float().reciprocal() if pts is None else pts.reciprocal() / scales.float()
+
+
 def quantize_blocks(x: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` ``[..., K]`` with a given pts (None: single level). Returns (packed uint8, e4m3 scales)."""
     xb = x.float().unflatten(-1, (-1, BLOCK_SIZE))
     scales = block_scales(xb, pts)
-    recip = scales.float().reciprocal() if pts is None else pts.reciprocal() / scales.float()
-    y = (xb * recip.unsqueeze(-1)).clamp(-F4_E2M1_MAX, F4_E2M1_MAX)
+    y = (xb * encode_scales(scales, pts).unsqueeze(-1)).clamp(-F4_E2M1_MAX, F4_E2M1_MAX)
     return pack(e2m1_codes(y).flatten(-2)), scales
 
 
@@ -178,7 +183,7 @@ def quantize_values(x: torch.Tensor, pts: torch.Tensor, dtype: torch.dtype) -> t
     xb = x.float().unflatten(-1, (-1, BLOCK_SIZE))
     s = div_rn(div_rn(xb.abs().amax(dim=-1), F4_E2M1_MAX).unsqueeze(-1), pts)  # [..., K/16, 1]
     s = round_to_e4m3(s.clamp(min=F8_E4M3_MIN_SCALE, max=F8_E4M3_MAX))
-    recip = div_rn(div_rn(torch.ones_like(pts), pts).reshape(1), s)  # pts.reciprocal() / S_b, as quantize_blocks
+    recip = div_rn(div_rn(torch.ones_like(pts), pts).reshape(1), s)  # encode_scales, as Inductor rounds it
     y = (xb * recip).clamp(-F4_E2M1_MAX, F4_E2M1_MAX)
     return (e2m1_round(y) * s).flatten(-2).to(dtype)
 

@@ -57,8 +57,7 @@ class Format:
 
 
 def _nvfp4_quantize(x: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    recip = pts.reciprocal() / scales.float()  # same operation order as format.quantize_blocks
-    return nvfp4.e2m1_codes((x * recip).clamp(-nvfp4.F4_E2M1_MAX, nvfp4.F4_E2M1_MAX))
+    return nvfp4.e2m1_codes((x * nvfp4.encode_scales(scales, pts)).clamp(-nvfp4.F4_E2M1_MAX, nvfp4.F4_E2M1_MAX))
 
 
 def _nvfp4_dequantize(codes: torch.Tensor, scales: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
