@@ -353,7 +353,7 @@ def _mma_kernel(
 
 
 @triton.jit
-def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_wn, stride_wsn,
+def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn,
                 A_FP4: tl.constexpr, BLOCK_K: tl.constexpr):
     """The raw tiles of K step ``step`` of ``_gemv_kernel``: weight words [BLOCK_N, W] (W = BLOCK_K/8 words of
     8 elements) and scales [BLOCK_N, W/2]; the activation as words [W] and their scales [W] (NVFP4) or values
@@ -361,10 +361,10 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K, stride_
     W: tl.constexpr = BLOCK_K // 8
     offs_u = step * W + tl.arange(0, W)
     offs_g = step * (W // 2) + tl.arange(0, W // 2)
-    u_mask = offs_u < K // 8
+    u_mask = offs_u < K_WORDS
     p = tl.load(w_ptr.to(tl.pointer_type(tl.uint32)) + rows_n[:, None] * (stride_wn // 4) + offs_u[None, :],
                 mask=u_mask[None, :], other=0)
-    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K // 16)[None, :],
+    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K_WORDS // 2)[None, :],
                 other=0)
     if A_FP4:
         a = tl.load(a_ptr.to(tl.pointer_type(tl.uint32)) + offs_u, mask=u_mask, other=0)
@@ -396,8 +396,8 @@ def _gemv_step(acc, p, s, a, a_s, a_pts, A_FP4: tl.constexpr, QUANTIZE: tl.const
 def _gemv_kernel(
     # pointers (w_ptrs to out_ptrs: one per member of the group, see _member)
     a_ptr, a_scale_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
-    # dims
-    ends, K,
+    # dims (K in 32-bit words of the packed weight, K // 8, see below)
+    ends, K_WORDS,
     # strides (of packed weight rows and of scale rows, in bytes; the activation row is contiguous)
     stride_wn, stride_wsn,
     # meta-parameters
@@ -408,9 +408,12 @@ def _gemv_kernel(
 
     A decode GEMV has to keep weight bytes in flight and spend few instructions per weight element. Each K
     step loads the tiles of the next step (``_gemv_loads``) before computing on its own, so a program always
-    has a load outstanding. The weight is read as 32-bit words of 8 elements, unpacked by
-    ``_e2m1_word_to_f32`` (under one integer instruction per element, then the native e4m3 and fp16
-    conversions) into fp32 values that are the e2m1 values times 2**-6, and multiplied with the activation's
+    has a load outstanding. K comes in words (``K_WORDS``): Triton specializes an integer argument that is a
+    multiple of 16, so with K a multiple of 128 it sees each load's mask constant over 16 words and lets every
+    thread load 16 bytes at once; given K itself, it could not, and loaded each word on its own (4-byte loads,
+    scales byte by byte: 9% slower over the four benchmark shapes, tools/KERNEL_NOTES.md version 27). The weight
+    is read as 32-bit words of 8 elements, unpacked by ``_e2m1_word_to_f32`` (under one integer instruction per
+    element, then the native e4m3 and fp16 conversions) into fp32 values that are the e2m1 values times 2**-6, and multiplied with the activation's
     fp32 values, which every weight row of the program shares. Two words make a 16-element block: its products
     are summed first and its scale applied once; the per-block partial sums stay in a [BLOCK_N, G] accumulator,
     reduced across G once at the end. Weight rows wrap modulo N (the store is masked). A group of GEMMs runs as
@@ -430,6 +433,7 @@ def _gemv_kernel(
     This is the quantize and the GEMM in one launch: nothing is written between them.
     """
     G: tl.constexpr = BLOCK_K // 16
+    K = K_WORDS * 8
     member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
     w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
     N = end_n - first_n
@@ -437,7 +441,7 @@ def _gemv_kernel(
     rows_n = offs_n % N
 
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K, stride_wn, stride_wsn,
+    p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn,
                                A_FP4, BLOCK_K)
     a_pts = 1.0
     if QUANTIZE:
@@ -447,7 +451,7 @@ def _gemv_kernel(
             a_pts = tl.load(a_pts_ptr)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         p_step, s_step, a_step, a_s_step = p, s, a, a_s
-        p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K, stride_wn,
+        p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn,
                                    stride_wsn, A_FP4, BLOCK_K)
         acc = _gemv_step(acc, p_step, s_step, a_step, a_s_step, a_pts, A_FP4, QUANTIZE, PTX)
 
@@ -623,7 +627,7 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize
         block_n, block_k, warps = cfg
         _gemv_kernel[(triton.cdiv(ends[-1], block_n),)](
             a, a_scales, a_pts, w_packed, w_scales, w_pts, None if biases is None else tuple(biases), tuple(outs),
-            ends, k,
+            ends, k // 8,
             w_packed[0].stride(0), w_scales[0].stride(0),
             A_FP4=a_fp4, QUANTIZE=quantize, PTX=_ptx(a.device), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
