@@ -413,11 +413,11 @@ def _gemv_kernel(
     thread load 16 bytes at once; given K itself, it could not, and loaded each word on its own (4-byte loads,
     scales byte by byte: 9% slower over the four benchmark shapes, tools/KERNEL_NOTES.md version 27). The weight
     is read as 32-bit words of 8 elements, unpacked by ``_e2m1_word_to_f32`` (under one integer instruction per
-    element, then the native e4m3 and fp16 conversions) into fp32 values that are the e2m1 values times 2**-6, and multiplied with the activation's
-    fp32 values, which every weight row of the program shares. Two words make a 16-element block: its products
-    are summed first and its scale applied once; the per-block partial sums stay in a [BLOCK_N, G] accumulator,
-    reduced across G once at the end. Weight rows wrap modulo N (the store is masked). A group of GEMMs runs as
-    one launch: each program reads the member its rows belong to.
+    element, then the native e4m3 and fp16 conversions) into fp32 values that are the e2m1 values times 2**-6,
+    and multiplied with the activation's fp32 values, which every weight row of the program shares. Two words
+    make a 16-element block: its products are summed first and its scale applied once; the per-block partial
+    sums stay in a [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the
+    store is masked). A group of GEMMs runs as one launch: each program reads the member its rows belong to.
 
     Every product is exact in fp32, subnormal ones included: a weight value has 2 significant bits and its
     lowest is at least 2**-7, a bf16/fp16 activation value has at most 8 (11) and its lowest is at least
