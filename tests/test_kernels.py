@@ -183,8 +183,8 @@ def test_gemv_subnormal_activations(dtype):
 
 
 def quantizing_gemm(x, weights, biases, act_pts=None):
-    """``x [M, K]`` through ``quantize_gemm_group`` (one row: the GEMV that quantizes in registers; more: the values
-    kernel, then the tensor-core kernel), checked for NaN against the reference and, where the reference is finite,
+    """``x [M, K]`` through ``quantize_gemm_group`` (one row: the integer GEMV after its operand kernel quantizes
+    the row; more: the values kernel, then the tensor-core kernel), checked for NaN against the reference and, where the reference is finite,
     bit for bit against the packed path (the Triton activation quantize, then the GEMM of the packed activation)
     and against fp64 products of the reference's dequantized operands. Returns the outputs."""
     pts = nvfp4.global_scale_of(x.cpu()) if act_pts is None else act_pts
@@ -252,6 +252,61 @@ def test_gemm_quantizes_for_a_group(static, m):
         quantizing_gemm(x, weights, biases, torch.tensor(0.01) if static else None)
 
 
+def _run_word_dot_ptx(word, operands, table, acc):
+    """``triton_gemm._WORD_DOT_PTX`` executed instruction by instruction with PTX's semantics of its four opcodes
+    (``prmt``: per byte, selector nibble j picks byte j & 7 of {b, a}, or with bit 3 set that byte's sign
+    replicated)."""
+    regs = {"$1": word, "$2": operands[0], "$3": operands[1], "$4": operands[2], "$5": operands[3], "$6": table,
+            "$7": acc}
+
+    def value(name):
+        return regs[name] if name in regs else int(name, 0)
+
+    def signed_bytes(v):
+        return [((v >> (8 * i)) & 255) - (256 if (v >> (8 * i)) & 128 else 0) for i in range(4)]
+
+    for line in triton_gemm._WORD_DOT_PTX.value.strip("{}").split(";"):
+        parts = line.replace(",", " ").split()
+        if not parts or parts[0] == ".reg":
+            continue
+        op, dst, *src = parts
+        a = [value(v) for v in src]
+        if op == "shr.b32":
+            regs[dst] = a[0] >> a[1]
+        elif op == "xor.b32":
+            regs[dst] = a[0] ^ a[1]
+        elif op == "prmt.b32":
+            pool = [(a[0] >> (8 * i)) & 255 for i in range(4)] + [(a[1] >> (8 * i)) & 255 for i in range(4)]
+            out = 0
+            for i in range(4):
+                sel = (a[2] >> (4 * i)) & 15
+                byte = pool[sel & 7]
+                out |= ((255 if byte & 128 else 0) if sel & 8 else byte) << (8 * i)
+            regs[dst] = out
+        elif op == "dp4a.s32.s32":
+            regs[dst] = a[2] + sum(x * y for x, y in zip(signed_bytes(a[0]), signed_bytes(a[1])))
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return regs["$0"]
+
+
+def test_word_dot_ptx_is_the_integer_dot_product():
+    """The GEMV's inline PTX (which only a GPU runs) computes acc + sum(2 * w_j * 2 * a_j) over a word's 8 nibbles:
+    every nibble value, with random activation integers of -12..12."""
+    codes = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12])
+    doubled = torch.cat([codes, -codes]).tolist()  # twice the e2m1 value of codes 0..15
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (400,), generator=gen, dtype=torch.int64).tolist()
+    words += [sum(c << (4 * j) for j in range(8)) for c in range(16)]
+    for word in words:
+        a = torch.randint(-12, 13, (8,), generator=gen).tolist()
+        acc = int(torch.randint(-5000, 5000, (), generator=gen))
+        pack = [sum((v & 255) << (8 * i) for i, v in enumerate(vals)) for vals in (a[:4], a[4:])]
+        negated = [sum((-v & 255) << (8 * i) for i, v in enumerate(vals)) for vals in (a[:4], a[4:])]
+        expected = acc + sum(doubled[(word >> (4 * j)) & 15] * a[j] for j in range(8))
+        assert _run_word_dot_ptx(word, pack + negated, 0x03020100, acc) == expected, hex(word)
+
+
 @gpu_only
 @pytest.mark.parametrize("op", ("a16", "nvfp4"))
 @pytest.mark.parametrize("kernel", ("gemv", "mma"))
@@ -259,7 +314,8 @@ def test_every_config(kernel, op):
     """Each tuned configuration computes the same function (also warms the compile cache for the bench)."""
     n, k = 256, 1056
     for m in ((1,) if kernel == "gemv" else (16, 40)):
-        configs, launch = ((triton_gemm._GEMV_CONFIGS, triton_gemm.launch_gemv) if kernel == "gemv"
+        gemv_configs = triton_gemm._GEMV_CONFIGS if op == "a16" else triton_gemm._GEMV_W4A4_CONFIGS
+        configs, launch = ((gemv_configs, triton_gemm.launch_gemv) if kernel == "gemv"
                            else (triton_gemm._mma_configs(m), triton_gemm.launch_mma))
         w = random_nvfp4(n, k)
         if op == "a16":
@@ -278,12 +334,13 @@ def test_every_config(kernel, op):
 @gpu_only
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
 def test_every_quantizing_gemv_config(static):
-    """Each configuration of the GEMV that quantizes its activation computes the same function."""
+    """Each configuration of the integer GEMV, from a high-precision activation it quantizes first, computes the
+    same function."""
     n, k = 256, 1056
     w, x = random_nvfp4(n, k), torch.randn(1, k, device=DEVICE).bfloat16()
     pts = torch.tensor(0.003) if static else nvfp4.global_scale_of(x.cpu())
     ref = nvfp4.fake_quantize(x.cpu(), pts).double() @ dequant64(*w).t()
-    for config in triton_gemm._GEMV_QUANTIZE_CONFIGS:
+    for config in triton_gemm._GEMV_W4A4_CONFIGS:
         out = torch.full((1, n), float("nan"), device=DEVICE)
         triton_gemm.launch_gemv(x, None, pts.to(DEVICE) if static else None, [w], None, [out], config=config,
                                 quantize=True)

@@ -85,7 +85,7 @@ def gemv_tma(a_ptr, w_desc, s_desc, w_pts_ptr, out_ptr, N, K, BLOCK_N: tl.conste
         offs_u = step * W + tl.arange(0, W)
         a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=(offs_u < K // 8)[:, None],
                     other=0.0).to(tl.float32)
-        acc = _gemv_step(acc, p, s, a, a, False, True)  # bf16 activation: no scales (a stands in for them)
+        acc = _gemv_step(acc, p, s, a, True)
     rows = off_n + tl.arange(0, BLOCK_N)
     out = tl.sum(acc, axis=1) * (tl.load(w_pts_ptr) * _UNPACK_SHIFT)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)

@@ -1,7 +1,8 @@
-"""The decode GEMV's machine code for Hopper, without a GPU: compiles ``triton_gemm._gemv_kernel`` ahead of time for
-sm_90 with Triton's bundled ``ptxas`` and prints its registers and the instructions of its main loop by opcode.
+"""The decode GEMVs' machine code for Hopper, without a GPU: compiles ``triton_gemm._gemv_kernel`` (bf16 activation)
+or ``_gemv_w4a4_kernel`` (NVFP4) ahead of time for sm_90 with Triton's bundled ``ptxas`` and prints its registers and
+the instructions of its main loop by opcode.
 
-    PYTHONPATH=. python tools/sass_gemv.py [--config 16,1024,4] [--activation bf16|nvfp4|quantize] [--sass out.sass]
+    PYTHONPATH=. python tools/sass_gemv.py [--config 16,1024,4] [--activation bf16|nvfp4] [--sass out.sass]
 
 The arguments are specialized as the launcher's are on the benchmark shapes (pointers 16-byte aligned, K_WORDS and
 the strides multiples of 16), so the code is what an H100/H200 runs there. "per element" divides the loop's
@@ -29,25 +30,26 @@ _ALIGNED = [["tt.divisibility", 16]]
 
 
 def compile_gemv(block_n: int, block_k: int, warps: int, activation: str):
-    """The GEMV for one weight (no bias), bf16 output, compiled for sm_90."""
-    a_fp4 = activation == "nvfp4"
-    signature = {
-        "a_ptr": "*u8" if a_fp4 else "*bf16", "a_scale_ptr": "*u8" if a_fp4 else "constexpr",
-        "a_pts_ptr": "*fp32" if a_fp4 else "constexpr", "w_ptrs": ("*u8",), "w_scale_ptrs": ("*u8",),
-        "w_pts_ptrs": ("*fp32",), "bias_ptrs": "constexpr", "out_ptrs": ("*bf16",), "ends": ("i32",),
-        "K_WORDS": "i32", "stride_wn": "i32", "stride_wsn": "i32", "A_FP4": "constexpr", "QUANTIZE": "constexpr",
-        "PTX": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    constants = {"bias_ptrs": None, "A_FP4": a_fp4, "QUANTIZE": activation == "quantize", "PTX": True,
-                 "BLOCK_N": block_n, "BLOCK_K": block_k}
-    if not a_fp4:
-        constants.update(a_scale_ptr=None, a_pts_ptr=None)
-    names = triton_gemm._gemv_kernel.arg_names
-    aligned = [(names.index(n),) for n in ("a_ptr", "K_WORDS", "stride_wn", "stride_wsn")]
+    """The GEMV for one weight (no bias), bf16 output, compiled for sm_90: ``_gemv_kernel`` for a bf16 activation,
+    ``_gemv_w4a4_kernel`` for an NVFP4 one."""
+    common = {"w_ptrs": ("*u8",), "w_scale_ptrs": ("*u8",), "w_pts_ptrs": ("*fp32",), "bias_ptrs": "constexpr",
+              "out_ptrs": ("*bf16",), "ends": ("i32",), "K_WORDS": "i32", "stride_wn": "i32", "stride_wsn": "i32",
+              "PTX": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    constants = {"bias_ptrs": None, "PTX": True, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    if activation == "nvfp4":
+        kernel = triton_gemm._gemv_w4a4_kernel
+        signature = {"a_ptr": "*i32", "a_factor_ptr": "*fp32", "a_pts_ptr": "*fp32", **common, "PDL": "constexpr"}
+        constants["PDL"] = True
+        aligned_args = ("a_ptr", "a_factor_ptr", "K_WORDS", "stride_wn", "stride_wsn")
+    else:
+        kernel = triton_gemm._gemv_kernel
+        signature = {"a_ptr": "*bf16", **common}
+        aligned_args = ("a_ptr", "K_WORDS", "stride_wn", "stride_wsn")
+    names = kernel.arg_names
+    signature = {name: signature[name] for name in names}
+    aligned = [(names.index(n),) for n in aligned_args]
     aligned += [(names.index(n), 0) for n in ("w_ptrs", "w_scale_ptrs", "out_ptrs", "ends")]
-    if a_fp4:
-        aligned += [(names.index("a_scale_ptr"),)]
-    source = triton.compiler.ASTSource(triton_gemm._gemv_kernel, signature, constants,
-                                       attrs={key: _ALIGNED for key in aligned})
+    source = triton.compiler.ASTSource(kernel, signature, constants, attrs={key: _ALIGNED for key in aligned})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
@@ -83,8 +85,8 @@ def opcode(line: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="16,1024,4", help="BLOCK_N,BLOCK_K,num_warps")
-    p.add_argument("--activation", default="bf16", choices=("bf16", "nvfp4", "quantize"),
-                   help="bf16 (nvfp4a16), packed NVFP4, or bf16 quantized in the kernel (nvfp4 at one row)")
+    p.add_argument("--activation", default="bf16", choices=("bf16", "nvfp4"),
+                   help="bf16 (nvfp4a16) or NVFP4 (nvfp4: the integer GEMV)")
     p.add_argument("--sass", help="write the whole SASS here")
     args = p.parse_args()
     block_n, block_k, warps = (int(v) for v in args.config.split(","))

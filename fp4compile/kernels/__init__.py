@@ -172,8 +172,8 @@ def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
 def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
     """NVFP4 x NVFP4 on CUDA from the high-precision activation ``x [..., K]``: x quantized with the static
     per-tensor scale ``act_pts`` (or its own, dynamic, when None), times each weight of the lists (as for
-    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, one row runs the GEMV that
-    quantizes in registers, one launch; more rows the quantize kernel writing exact values
+    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, one row runs a kernel that
+    quantizes it to the integer GEMV's operands, then that GEMV; more rows the quantize kernel writing exact values
     (``triton_quantize.quantize_values``) and the kernel that takes them, two. Blackwell (``torch._scaled_mm``) and
     inputs the kernels cannot take quantize to packed NVFP4 first and then run :func:`gemm`."""
     nvfp4.check_quantizable(x)

@@ -16,8 +16,10 @@ nibble placed in a byte is an e4m3 value (e2m1 * 2**-6), which the native conver
 as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable
 Triton version.
 
-Three paths, chosen by M: ``_gemv_kernel`` for M == 1 (CUDA cores, each block scale applied once per 16
-products; for NVFP4 activations it can also take the high-precision row and quantize it itself); ``_mma_kernel``
+Three paths, chosen by M. M == 1 runs on the CUDA cores, each block scale applied once per 16 products:
+``_gemv_kernel`` for a bf16/fp16 activation in fp32, ``_gemv_w4a4_kernel`` for an NVFP4 one in exact integer
+arithmetic (dp4a on twice the e2m1 values), after ``_int8_operand_kernel`` has turned the row (packed, or high
+precision that it quantizes) into those integers; ``_mma_kernel``
 up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers as the MMA's left operand, K
 split across programs); above that ``_dequant_kernel`` writes the exact
 ``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel``
@@ -37,19 +39,23 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .. import format as nvfp4
 from . import DIRECT_MAX_ROWS, GEMV_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem, triton_quantize
 
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
-_ROW_BLOCK = tl.constexpr(4096)  # activation elements a step of the GEMV's amax pass (32 a thread at 4 warps)
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
 # GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of a 36-config H200 sweep (KERNEL_NOTES.md, version 8).
 _GEMV_CONFIGS = [(16, 1024, 4), (8, 1024, 2), (8, 1024, 4), (16, 512, 4)]
-# The GEMV that quantizes its activation: the best four of 7 configs on the H200 (KERNEL_NOTES.md, version 22).
-_GEMV_QUANTIZE_CONFIGS = [(16, 1024, 4), (16, 512, 4), (32, 512, 4), (32, 1024, 8)]
+# The integer GEMV of NVFP4 activations: each config the best on one of the four benchmark shapes in an H200
+# sweep of 13 (tools/KERNEL_NOTES.md, version 28), and (32, 512, 4), close on all.
+_GEMV_W4A4_CONFIGS = [(16, 1024, 4), (16, 2048, 8), (8, 2048, 4), (64, 512, 8), (32, 512, 4)]
+_OPERAND_BLOCK_K = 1024  # activation elements per program of _int8_operand_kernel
+_OPERAND_ROW_BLOCK = 16384  # its amax pass: up to this many elements a step (64 a thread at 8 warps)
+_OPERAND_WARPS = 8
 # Small tiles for the CPU interpreter, where the number of programs dominates the run time.
 _INTERPRET_GEMV = (16, 64, 4)
 _INTERPRET_MMA = (16, 16, 64, 2, 4, 1, False)
@@ -353,11 +359,10 @@ def _mma_kernel(
 
 
 @triton.jit
-def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn,
-                A_FP4: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
     """The raw tiles of K step ``step`` of ``_gemv_kernel``: weight words [BLOCK_N, W] (W = BLOCK_K/8 words of
-    8 elements) and scales [BLOCK_N, W/2]; the activation as words [W] and their scales [W] (NVFP4) or values
-    [W, 8]. Masked past K (a step past the end loads nothing)."""
+    8 elements), scales [BLOCK_N, W/2] and the activation's values [W, 8] as fp32. Masked past K (a step past the
+    end loads nothing)."""
     W: tl.constexpr = BLOCK_K // 8
     offs_u = step * W + tl.arange(0, W)
     offs_g = step * (W // 2) + tl.arange(0, W // 2)
@@ -366,27 +371,15 @@ def _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, s
                 mask=u_mask[None, :], other=0)
     s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K_WORDS // 2)[None, :],
                 other=0)
-    if A_FP4:
-        a = tl.load(a_ptr.to(tl.pointer_type(tl.uint32)) + offs_u, mask=u_mask, other=0)
-        a_s = tl.load(a_scale_ptr + offs_u // 2, mask=u_mask, other=0)
-    else:
-        a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=u_mask[:, None],
-                    other=0.0).to(tl.float32)
-        a_s = s  # no activation scales; the kernel does not read this
-    return p, s, a, a_s
+    a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=u_mask[:, None], other=0.0)
+    return p, s, a.to(tl.float32)
 
 
 @triton.jit
-def _gemv_step(acc, p, s, a, a_s, a_pts, A_FP4: tl.constexpr, QUANTIZE: tl.constexpr, PTX: tl.constexpr):
+def _gemv_step(acc, p, s, a, PTX: tl.constexpr):
     """``acc`` [BLOCK_N, G] plus one K step of ``_gemv_kernel``: weight words ``p`` [BLOCK_N, W] with block scales
-    ``s`` [BLOCK_N, G] (W = 2G) times the activation ``a``, ``a_s`` of ``_gemv_loads``, each block's products summed
-    first and its scale applied once. With ``QUANTIZE`` the activation's values are replaced by their NVFP4 values
-    for the per-tensor scale ``a_pts`` first."""
-    if A_FP4:
-        a = _e2m1_word_to_f32(a, PTX) * _e4m3_to_f16(a_s, PTX).to(tl.float32)[:, None]
-    if QUANTIZE:
-        G: tl.constexpr = acc.shape[1]
-        a = tl.reshape(triton_quantize.quantized_values(tl.reshape(a, (G, 16)), a_pts), (2 * G, 8))
+    ``s`` [BLOCK_N, G] (W = 2G) times the activation values ``a`` [W, 8], each block's products summed first and its
+    scale applied once."""
     word_sums = tl.sum(_e2m1_word_to_f32(p, PTX) * a[None], axis=2)
     block_sums = tl.sum(tl.reshape(word_sums, (acc.shape[0], acc.shape[1], 2)), axis=2)
     return acc + block_sums * _e4m3_to_f16(s, PTX).to(tl.float32)
@@ -395,16 +388,15 @@ def _gemv_step(acc, p, s, a, a_s, a_pts, A_FP4: tl.constexpr, QUANTIZE: tl.const
 @triton.jit
 def _gemv_kernel(
     # pointers (w_ptrs to out_ptrs: one per member of the group, see _member)
-    a_ptr, a_scale_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
+    a_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
     # dims (K in 32-bit words of the packed weight, K // 8, see below)
     ends, K_WORDS,
     # strides (of packed weight rows and of scale rows, in bytes; the activation row is contiguous)
     stride_wn, stride_wsn,
     # meta-parameters
-    A_FP4: tl.constexpr, QUANTIZE: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """M == 1: BLOCK_N output elements per program, on the CUDA cores.
+    """M == 1, bf16/fp16 activation: BLOCK_N output elements per program, on the CUDA cores.
 
     A decode GEMV has to keep weight bytes in flight and spend few instructions per weight element. Each K
     step loads the tiles of the next step (``_gemv_loads``) before computing on its own, so a program always
@@ -421,19 +413,9 @@ def _gemv_kernel(
 
     Every product is exact in fp32, subnormal ones included: a weight value has 2 significant bits and its
     lowest is at least 2**-7, a bf16/fp16 activation value has at most 8 (11) and its lowest is at least
-    2**-133, so each product fits 10 (13) bits no finer than 2**-140, within fp32's 2**-149. An NVFP4
-    activation is unpacked like the weight and multiplied by its block scale (``e2m1 * 2**-6 * S_a``, exact);
-    alpha takes each 2**-6 back.
-
-    ``QUANTIZE``: the activation comes in high precision and each program quantizes it to NVFP4 in registers as
-    it goes (``triton_quantize.quantized_values``, bit for bit the activation quantize's values ``e2m1 * S_a``,
-    6 significant bits, so the products stay exact), with the per-tensor scale ``a_pts_ptr`` (static) or, when
-    that is None, the row's own (``triton_quantize.row_global_scale``, a first pass over the row, which every
-    program makes).
-    This is the quantize and the GEMM in one launch: nothing is written between them.
+    2**-133, so each product fits 10 (13) bits no finer than 2**-140, within fp32's 2**-149.
     """
     G: tl.constexpr = BLOCK_K // 16
-    K = K_WORDS * 8
     member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
     w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
     N = end_n - first_n
@@ -441,25 +423,194 @@ def _gemv_kernel(
     rows_n = offs_n % N
 
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn,
-                               A_FP4, BLOCK_K)
-    a_pts = 1.0
-    if QUANTIZE:
-        if a_pts_ptr is None:
-            a_pts = triton_quantize.row_global_scale(a_ptr, K, _ROW_BLOCK)
-        else:
-            a_pts = tl.load(a_pts_ptr)
-    for step in range(0, tl.cdiv(K, BLOCK_K)):
-        p_step, s_step, a_step, a_s_step = p, s, a, a_s
-        p, s, a, a_s = _gemv_loads(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn,
-                                   stride_wsn, A_FP4, BLOCK_K)
-        acc = _gemv_step(acc, p_step, s_step, a_step, a_s_step, a_pts, A_FP4, QUANTIZE, PTX)
+    p, s, a = _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+    for step in range(0, tl.cdiv(K_WORDS * 8, BLOCK_K)):
+        p_step, s_step, a_step = p, s, a
+        p, s, a = _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+        acc = _gemv_step(acc, p_step, s_step, a_step, PTX)
 
-    alpha = tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT
-    if A_FP4:
-        alpha = alpha * tl.load(a_pts_ptr) * _UNPACK_SHIFT
-    if QUANTIZE:
-        alpha = alpha * a_pts
+    out = tl.sum(acc, axis=1) * (tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT)
+    if bias_ptrs is not None:
+        out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
+    out_ptr = _pick(member, out_ptrs)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# The NVFP4 x NVFP4 GEMV multiplies integers: twice an e2m1 value is an integer of -12..12, so a 16-element block's
+# sum of products is 1/4 of an exact int32 dot product of those integers, four products per dp4a instruction.
+# $1 a weight word, $2..$5 activation words, $6 the table's low half, $7 the sum to add to (see _word_dot). The
+# table {$6, 0x0C080604} holds |2 * e2m1| of magnitude codes 0..7, one byte each: 0, 1, 2, 3, 4, 6, 8, 12.
+_WORD_DOT_PTX = tl.constexpr("""{
+.reg .b32 h, n, nh, p, t;
+shr.b32 h, $1, 16; xor.b32 n, $1, 0x88888888; shr.b32 nh, n, 16;
+prmt.b32 p, $6, 0x0C080604, $1; dp4a.s32.s32 t, p, $2, $7;
+prmt.b32 p, $6, 0x0C080604, h; dp4a.s32.s32 t, p, $3, t;
+prmt.b32 p, $6, 0x0C080604, n; dp4a.s32.s32 t, p, $4, t;
+prmt.b32 p, $6, 0x0C080604, nh; dp4a.s32.s32 $0, p, $5, t;
+}""")
+
+
+@triton.jit
+def _doubled_e2m1(code):
+    """e2m1 codes (0..15, int32) -> twice their values as int32 (-12..12)."""
+    e = (code & 7) >> 1
+    m = code & 1
+    value = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0))
+    return tl.where((code & 8) != 0, -value, value)
+
+
+@triton.jit
+def _word_dot(word, a_lo, a_hi, na_lo, na_hi, table, acc, PTX: tl.constexpr):
+    """``acc`` plus the dot product of one weight word (8 e2m1 nibbles, element j in bits 4j..4j+3) with 8
+    activation integers, all as twice their e2m1 values: ``a_lo`` holds elements 0-3 as signed bytes, ``a_hi``
+    elements 4-7, ``na_lo`` and ``na_hi`` the same negated. ``table`` is 0x03020100 (the PTX's lookup table, low
+    half). Any shape, int32.
+
+    ``prmt`` is a byte table lookup: its selector nibbles are the weight's nibbles, the low 3 bits pick a byte of
+    the table |2 * e2m1| and the fourth, the e2m1 sign, makes ``prmt`` copy that byte's sign bit instead, which is
+    0. So one lookup gives the positive elements' magnitudes (0 for the negative ones) and a lookup of the word with
+    its signs flipped gives the negative ones' magnitudes; those multiply the negated activation. Seven integer
+    instructions and four dp4a for 8 products, where the fp32 GEMV spends 27."""
+    if PTX:
+        total = tl.inline_asm_elementwise(_WORD_DOT_PTX, "=r,r,r,r,r,r,r,r", [word, a_lo, a_hi, na_lo, na_hi, table,
+                                          acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        code = word.to(tl.int32, bitcast=True)
+        total = acc
+        for j in tl.static_range(8):
+            a_word = a_lo if j < 4 else a_hi
+            total += _doubled_e2m1((code >> (4 * j)) & 15) * ((a_word << (24 - 8 * (j % 4))) >> 24)
+    return total
+
+
+@triton.jit
+def _split8(t):
+    """[..., 8] -> its 8 slices along the last dimension, in order."""
+    lo, hi = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2, 2)))
+    a, b = tl.split(lo)
+    c, d = tl.split(hi)
+    s0, s4 = tl.split(a)
+    s2, s6 = tl.split(b)
+    s1, s5 = tl.split(c)
+    s3, s7 = tl.split(d)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _int8_operand_kernel(x_ptr, x_scale_ptr, pts_ptr, words_ptr, factors_ptr, pts_out_ptr, K,
+                         FROM_PACKED: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ROW_BLOCK: tl.constexpr):
+    """One NVFP4 activation row as ``_gemv_w4a4_kernel`` reads it, BLOCK_K elements per program: per 16-element
+    block, 8 int32 words ``[lo, hi, -lo, -hi]`` of its first 8 elements then of its last 8 (``_word_dot``'s
+    operands: twice the e2m1 values as signed bytes), and the block factor ``S_b / 4`` as fp32.
+
+    ``FROM_PACKED``: ``x`` is the packed row with its e4m3 scale bits. Otherwise ``x`` is high precision and is
+    quantized here as ``triton_quantize`` quantizes, with the per-tensor scale ``pts_ptr`` or, when that is None,
+    the row's own (every program computes it; program 0 stores it to ``pts_out_ptr`` for the GEMV's alpha)."""
+    G: tl.constexpr = BLOCK_K // 16
+    if PDL:  # launched as a programmatic dependent: wait for the kernel before, then let the GEMV launch
+        gdc_wait()
+        gdc_launch_dependents()
+    groups = tl.program_id(0) * G + tl.arange(0, G)
+    g_mask = groups < K // 16
+    if FROM_PACKED:
+        half = tl.program_id(0) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        pair = tl.load(x_ptr + half, mask=half < K // 2, other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(pair & 15, pair >> 4), (G, 16))
+        s = _e4m3_to_f16(tl.load(x_scale_ptr + groups, mask=g_mask, other=0), PTX).to(tl.float32)
+    else:
+        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        xb = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), (G, 16))
+        if pts_ptr is None:
+            pts = triton_quantize.row_global_scale(x_ptr, K, ROW_BLOCK)
+            if tl.program_id(0) == 0:
+                tl.store(pts_out_ptr, pts)
+        else:
+            pts = tl.load(pts_ptr)
+        s, _ = triton_quantize.block_scales(xb, pts)
+        codes = triton_quantize.e2m1_codes(xb, s, pts).to(tl.int32)
+    values = _doubled_e2m1(codes)
+    shifts = (8 * tl.arange(0, 4))[None, None, :]
+    quads = tl.sum(tl.reshape(values & 255, (G, 4, 4)) << shifts, axis=2)  # [G, 4]: four values a word
+    negated = tl.sum(tl.reshape((0 - values) & 255, (G, 4, 4)) << shifts, axis=2)
+    # [G, word, lo/hi] and its negation -> [G, word, sign, lo/hi]
+    words = tl.permute(tl.join(tl.reshape(quads, (G, 2, 2)), tl.reshape(negated, (G, 2, 2))), (0, 1, 3, 2))
+    tl.store(words_ptr + groups[:, None] * 8 + tl.arange(0, 8)[None, :], tl.reshape(words, (G, 8)),
+             mask=g_mask[:, None])
+    tl.store(factors_ptr + groups, s * 0.25, mask=g_mask)
+
+
+@triton.jit
+def _w4a4_weight_loads(w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
+    """The weight tiles of K step ``step`` of ``_gemv_w4a4_kernel``: words [BLOCK_N, 2G] and scales [BLOCK_N, G]
+    (G = BLOCK_K / 16 blocks). Masked past K."""
+    G: tl.constexpr = BLOCK_K // 16
+    offs_u = step * 2 * G + tl.arange(0, 2 * G)
+    offs_g = step * G + tl.arange(0, G)
+    p = tl.load(w_ptr.to(tl.pointer_type(tl.uint32)) + rows_n[:, None] * (stride_wn // 4) + offs_u[None, :],
+                mask=(offs_u < K_WORDS)[None, :], other=0)
+    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K_WORDS // 2)[None, :],
+                other=0)
+    return p, s
+
+
+@triton.jit
+def _w4a4_activation_loads(a_ptr, a_factor_ptr, step, K_WORDS, BLOCK_K: tl.constexpr):
+    """The activation tiles of K step ``step``: operand words [G, 8] and block factors [G]. Masked past K."""
+    G: tl.constexpr = BLOCK_K // 16
+    offs_g = step * G + tl.arange(0, G)
+    g_mask = offs_g < K_WORDS // 2
+    a = tl.load(a_ptr + offs_g[:, None] * 8 + tl.arange(0, 8)[None, :], mask=g_mask[:, None], other=0)
+    f = tl.load(a_factor_ptr + offs_g, mask=g_mask, other=0.0)
+    return a, f
+
+
+@triton.jit
+def _gemv_w4a4_kernel(
+    # pointers (a_ptr, a_factor_ptr: the activation row from _int8_operand_kernel; w_ptrs to out_ptrs: one per
+    # member of the group, see _member)
+    a_ptr, a_factor_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
+    # dims (K in 32-bit words of the packed weight, as for _gemv_kernel)
+    ends, K_WORDS,
+    # strides (of packed weight rows and of scale rows, in bytes)
+    stride_wn, stride_wsn,
+    # meta-parameters
+    PTX: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """M == 1, NVFP4 activation: BLOCK_N output elements per program, in integer arithmetic.
+
+    Each 16-element block of a weight row is one exact int32 dot product with the activation's block
+    (``_word_dot``, twice the e2m1 values on both sides), converted to fp32 and multiplied by the two block scales
+    (the activation's divided by 4): at most 12 + 4 + 4 significant bits, exact in fp32, then accumulated in fp32
+    as every kernel here does. The loads are ``_gemv_kernel``'s: K in words, the next step's tiles loaded before
+    this step's arithmetic."""
+    G: tl.constexpr = BLOCK_K // 16
+    member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
+    w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
+    N = end_n - first_n
+    offs_n = tl.program_id(0) * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
+    rows_n = offs_n % N
+
+    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    # The table's low half 0x03020100 for the prmt, as a value of each thread's own (rows_n's top bit is 0):
+    # as a constant, ptxas keeps it in a uniform register and copies it out before every prmt.
+    table = ((rows_n.to(tl.uint32, bitcast=True) >> 31) | 0x03020100).to(tl.int32)[:, None]
+    zero = tl.zeros((BLOCK_N, G), dtype=tl.int32)
+    p, s = _w4a4_weight_loads(w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+    if PDL:  # the weight is in flight while the operand kernel before finishes
+        gdc_wait()
+    a, f = _w4a4_activation_loads(a_ptr, a_factor_ptr, 0, K_WORDS, BLOCK_K)
+    for step in range(0, tl.cdiv(K_WORDS * 8, BLOCK_K)):
+        p_step, s_step, a_step, f_step = p, s, a, f
+        p, s = _w4a4_weight_loads(w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+        a, f = _w4a4_activation_loads(a_ptr, a_factor_ptr, step + 1, K_WORDS, BLOCK_K)
+        w0, w1 = tl.split(tl.reshape(p_step, (BLOCK_N, G, 2)))
+        lo0, hi0, nlo0, nhi0, lo1, hi1, nlo1, nhi1 = _split8(a_step)
+        block = _word_dot(w0, lo0[None, :], hi0[None, :], nlo0[None, :], nhi0[None, :], table, zero, PTX)
+        block = _word_dot(w1, lo1[None, :], hi1[None, :], nlo1[None, :], nhi1[None, :], table, block, PTX)
+        acc += block.to(tl.float32) * f_step[None, :] * _e4m3_to_f16(s_step, PTX).to(tl.float32)
+
+    alpha = tl.load(_pick(member, w_pts_ptrs)) * tl.load(a_pts_ptr)
     out = tl.sum(acc, axis=1) * alpha
     if bias_ptrs is not None:
         out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
@@ -530,6 +681,12 @@ def _epilogue_kernel(
 def _ptx(device: torch.device) -> bool:
     """Inline PTX and native e4m3 conversion: on sm_89+ GPUs (not in the interpreter) unless turned off."""
     return USE_PTX and not knobs.runtime.interpret and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (a kernel starts while the one before finishes): sm_90+, not in the
+    interpreter."""
+    return _ptx(device) and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _graph_us(fn) -> float:
@@ -607,37 +764,59 @@ def _columns(weights):
 
 
 def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize=False):
-    """Run ``_gemv_kernel`` (M == 1) into ``outs`` (one [1, N_i] per weight); arguments as for :func:`launch_mma`.
-    ``quantize``: ``a`` is high precision and the kernel quantizes it to NVFP4 with the static per-tensor scale
-    ``a_pts``, or its own when ``a_pts`` is None."""
+    """M == 1 into ``outs`` (one [1, N_i] per weight); ``weights`` and ``biases`` as for :func:`launch_mma`.
+
+    A bf16/fp16 activation ``a`` [1, K] runs ``_gemv_kernel``. An NVFP4 one runs ``_int8_operand_kernel``, which
+    turns the row into the integers ``_gemv_w4a4_kernel`` multiplies, then that kernel, as a programmatic
+    dependent launch on sm_90+ (it starts loading its weight while the first kernel runs). NVFP4 is either ``a``
+    packed [1, K/2] with its scale bits ``a_scales`` and per-tensor scale ``a_pts``, or, with ``quantize``, ``a``
+    in high precision, quantized with the static per-tensor scale ``a_pts`` or its own when that is None.
+    ``config``: (BLOCK_N, BLOCK_K, num_warps) of the GEMV kernel.
+    """
     k = weights[0][0].shape[1] * 2
     w_packed, w_scales, w_pts = _columns(weights)
-    a_fp4 = a_scales is not None
     if any(p.stride(1) != 1 or p.data_ptr() % 4 or p.stride(0) % 4 for p in w_packed):
         raise ValueError("the GEMV reads packed weight rows as 32-bit words: they must be contiguous and aligned")
-    if a.stride(1) != 1 or a.data_ptr() % 16:  # the activation too, in 16-byte vectors
+    w4a4 = quantize or a_scales is not None
+    if a.stride(1) != 1 or a.data_ptr() % 16:  # the activation row is read in 16-byte vectors
         a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
-    if a_fp4 and a_scales.stride(1) != 1:
-        a_scales = a_scales.contiguous()
-    if quantize and a_pts is not None:
-        a_pts = a_pts.float().reshape(())
+    ptx, pdl = _ptx(a.device), _pdl(a.device)
+    biases = None if biases is None else tuple(biases)
     ends = _ends(weights)
+    if w4a4:
+        if a_scales is not None:
+            a_scales = a_scales.contiguous()
+        if a_pts is not None:
+            a_pts = a_pts.float().reshape(())
+        words = torch.empty((k // 16, 8), dtype=torch.int32, device=a.device)
+        factors = torch.empty((k // 16,), dtype=torch.float32, device=a.device)
+        own_pts = torch.empty((), dtype=torch.float32, device=a.device) if a_pts is None else None
+        _int8_operand_kernel[(triton.cdiv(k, _OPERAND_BLOCK_K),)](
+            a, a_scales, a_pts, words, factors, own_pts, k, FROM_PACKED=a_scales is not None, PTX=ptx, PDL=pdl,
+            BLOCK_K=_OPERAND_BLOCK_K, ROW_BLOCK=min(triton.next_power_of_2(k), _OPERAND_ROW_BLOCK),
+            num_warps=_OPERAND_WARPS, launch_pdl=pdl)
+        a_pts = a_pts if own_pts is None else own_pts
 
     def run(cfg):
         block_n, block_k, warps = cfg
-        _gemv_kernel[(triton.cdiv(ends[-1], block_n),)](
-            a, a_scales, a_pts, w_packed, w_scales, w_pts, None if biases is None else tuple(biases), tuple(outs),
-            ends, k // 8,
-            w_packed[0].stride(0), w_scales[0].stride(0),
-            A_FP4=a_fp4, QUANTIZE=quantize, PTX=_ptx(a.device), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        )
+        grid = (triton.cdiv(ends[-1], block_n),)
+        if w4a4:
+            _gemv_w4a4_kernel[grid](
+                words, factors, a_pts, w_packed, w_scales, w_pts, biases, tuple(outs), ends, k // 8,
+                w_packed[0].stride(0), w_scales[0].stride(0),
+                PTX=ptx, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
+        else:
+            _gemv_kernel[grid](
+                a, w_packed, w_scales, w_pts, biases, tuple(outs), ends, k // 8,
+                w_packed[0].stride(0), w_scales[0].stride(0),
+                PTX=ptx, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
 
     if config is None:
         if knobs.runtime.interpret:
             config = _INTERPRET_GEMV
         else:
-            key = ("gemv", a_fp4, quantize, a_pts is None, a.dtype, outs[0].dtype, biases is not None, ends, k)
-            config = _choose(key, _GEMV_QUANTIZE_CONFIGS if quantize else _GEMV_CONFIGS, run)
+            key = ("gemv", w4a4, a.dtype, outs[0].dtype, biases is not None, ends, k)
+            config = _choose(key, _GEMV_W4A4_CONFIGS if w4a4 else _GEMV_CONFIGS, run)
     run(config)
     return outs
 
@@ -753,7 +932,7 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False
         outs = [torch.empty((m, packed.shape[0]), device=a.device, dtype=out_dtype) for packed, _, _ in weights]
     if biases is not None and all(b is None for b in biases):
         biases = None
-    if quantize and m > GEMV_MAX_ROWS:  # only the GEMV quantizes in registers; the others take the exact values
+    if quantize and m > GEMV_MAX_ROWS:  # the GEMV quantizes to its own operands; the others take the exact values
         a_pts = nvfp4.global_scale_of(a) if a_pts is None else a_pts.float().reshape(())
         a, quantize = triton_quantize.quantize_values(a, a_pts, torch.float16), False  # fp16, as a dequantize gives
     if group_problem(weights, biases) is not None:  # one launch per weight
@@ -787,8 +966,8 @@ def gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs=None)
 
 def quantize_gemm_group(x, act_pts, weights, biases, outs=None):
     """``quantize(x) @ dequant(w).T + bias`` for high-precision ``x [M, K]`` and each of ``weights``: x quantized
-    with the static per-tensor scale ``act_pts``, or its own when it is None; at one row by the GEMV in registers,
-    with more by ``triton_quantize.quantize_values`` first. Returns ``[M, N_i]`` of x's dtype."""
+    with the static per-tensor scale ``act_pts``, or its own when it is None; at one row into the integer GEMV's
+    operands (``launch_gemv``), with more by ``triton_quantize.quantize_values`` first. Returns ``[M, N_i]`` of x's dtype."""
     return _launch(x, None, act_pts, weights, biases, x.dtype, outs, quantize=True)
 
 
