@@ -689,43 +689,49 @@ def _pdl(device: torch.device) -> bool:
     return _ptx(device) and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _graph_us(fn) -> float:
-    """Median time of ``fn`` as a model runs it: inside a CUDA graph (no launch gaps), each call after a write
-    of twice the L2 size so that the weight comes from memory. The write's time is in every result alike, so
-    the order of the configs is that of ``fn`` alone."""
-    device = torch.cuda.current_device()
-    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, dtype=torch.int32,
-                        device=device)
+def _timing_graph(fn, flush: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn`` as a model runs it (no launch gaps), after a write of ``flush`` (twice the L2 size) so
+    that the weight comes from memory. The write's time is in every config's result alike, so the order of the
+    configs is that of ``fn`` alone."""
     fn()  # compile, and allocate outside the graph what can be
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         flush.zero_()
         fn()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    return graph
+
+
+def _replay_us(graph: torch.cuda.CUDAGraph, replays: int = 10) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
         graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
 
 
-def _choose(key: tuple, configs: list, launch) -> tuple:
-    """The fastest of ``configs`` for ``key``, timed once by ``_graph_us`` and cached; the first when not tuning
-    or while a CUDA graph is being captured (timing needs its own graphs and synchronizations)."""
+def _choose(key: tuple, configs: list, launch, rounds: int = 3) -> tuple:
+    """The fastest of ``configs`` for ``key``, timed once per key and cached: each config's graph
+    (``_timing_graph``) replayed 10 times a round, the best of ``rounds`` rounds that take the configs in turn, so
+    that a slow moment of the GPU does not land on one config only (one timing each left the choice for a shape
+    changing between runs: tools/KERNEL_NOTES.md, version 28). The first config when not tuning or while a CUDA graph
+    is being captured (timing needs its own graphs and synchronizations)."""
     if not AUTOTUNE or len(configs) == 1:
         return configs[0]
     if key not in _best:
         if torch.cuda.is_current_stream_capturing():
             return configs[0]
-        times = []
-        for config in configs:
-            try:
-                times.append(_graph_us(lambda: launch(config)))
-            except triton.runtime.errors.OutOfResources:
-                times.append(float("inf"))
+        device = torch.cuda.current_device()
+        flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, dtype=torch.int32,
+                            device=device)
+        times = [float("inf")] * len(configs)
+        for _ in range(rounds):  # one graph at a time: a split GEMM's graph holds its fp32 partials
+            for i, config in enumerate(configs):
+                try:
+                    times[i] = min(times[i], _replay_us(_timing_graph(lambda: launch(config), flush)))
+                except triton.runtime.errors.OutOfResources:
+                    pass
         _best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
     return _best[key]
 
