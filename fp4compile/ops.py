@@ -22,11 +22,11 @@ activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``. On CPU: the kernel op (the reference), ``gemm``'s activation
 quantized first (``quantize_act``'s decomposition). On CUDA up to 128 rows: the kernel ops, ``gemm``'s being
 ``quantize_gemm_kernel``, which takes the high-precision activation (one row: a Triton kernel quantizes it to the
-integers the integer GEMV multiplies; more rows go through the Triton kernel ``quantize_values`` inside the op). On CUDA with more rows: an exact dequantize
-(for ``gemm`` the activation by ``format.quantize_values``, Inductor's code) and cuBLAS per weight: given ``alphas``,
-aten ``addmm`` that applies the global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a
-fused epilogue. Inductor generates each dequantize once per shape, not once per layer. On CUDA the ops' eager
-implementations dispatch to ``kernels``.
+integers the integer GEMV multiplies; more rows go through the Triton kernel ``quantize_values`` inside the op). On
+CUDA with more rows: an exact dequantize (for ``gemm`` the activation by ``format.quantize_values``, Inductor's
+code) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the global scales and the bias itself;
+otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates each dequantize once per shape,
+not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``.
 """
 
 import torch
