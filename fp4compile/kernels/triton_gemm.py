@@ -359,19 +359,46 @@ def _mma_kernel(
 
 
 @triton.jit
-def _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
-    """The raw tiles of K step ``step`` of ``_gemv_kernel``: weight words [BLOCK_N, W] (W = BLOCK_K/8 words of
-    8 elements), scales [BLOCK_N, W/2] and the activation's values [W, 8] as fp32. Masked past K (a step past the
-    end loads nothing)."""
+def _gemv_rows(ends, w_ptrs, w_scale_ptrs, BLOCK_N: tl.constexpr):
+    """This GEMV program's weight (the group member its rows belong to, see ``_member``) and its BLOCK_N output
+    rows: (member, weight and scale pointers, the member's N, the rows' offsets, the rows wrapped modulo N)."""
+    member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
+    offs_n = tl.program_id(0) * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
+    N = end_n - first_n
+    return member, _pick(member, w_ptrs), _pick(member, w_scale_ptrs), N, offs_n, offs_n % N
+
+
+@triton.jit
+def _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
+    """The weight tiles of K step ``step`` of a GEMV: words [BLOCK_N, W] (W = BLOCK_K/8 words of 8 elements) and
+    block scales [BLOCK_N, W/2]. Masked past K (a step past the end loads nothing)."""
     W: tl.constexpr = BLOCK_K // 8
     offs_u = step * W + tl.arange(0, W)
     offs_g = step * (W // 2) + tl.arange(0, W // 2)
-    u_mask = offs_u < K_WORDS
     p = tl.load(w_ptr.to(tl.pointer_type(tl.uint32)) + rows_n[:, None] * (stride_wn // 4) + offs_u[None, :],
-                mask=u_mask[None, :], other=0)
+                mask=(offs_u < K_WORDS)[None, :], other=0)
     s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K_WORDS // 2)[None, :],
                 other=0)
-    a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=u_mask[:, None], other=0.0)
+    return p, s
+
+
+@triton.jit
+def _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N):
+    """A GEMV's outputs: the [BLOCK_N, G] accumulator summed over G, times ``alpha``, plus the bias, cast."""
+    out = tl.sum(acc, axis=1) * alpha
+    if bias_ptrs is not None:
+        out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
+    out_ptr = _pick(member, out_ptrs)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
+    """The tiles of K step ``step`` of ``_gemv_kernel``: ``_gemv_weight_tiles`` and the activation's values
+    [W, 8] as fp32, masked past K."""
+    p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+    offs_u = step * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=(offs_u < K_WORDS)[:, None], other=0.0)
     return p, s, a.to(tl.float32)
 
 
@@ -416,24 +443,15 @@ def _gemv_kernel(
     2**-133, so each product fits 10 (13) bits no finer than 2**-140, within fp32's 2**-149.
     """
     G: tl.constexpr = BLOCK_K // 16
-    member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
-    w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
-    N = end_n - first_n
-    offs_n = tl.program_id(0) * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
-    rows_n = offs_n % N
-
+    member, w_ptr, w_scale_ptr, N, offs_n, rows_n = _gemv_rows(ends, w_ptrs, w_scale_ptrs, BLOCK_N)
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     p, s, a = _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
     for step in range(0, tl.cdiv(K_WORDS * 8, BLOCK_K)):
         p_step, s_step, a_step = p, s, a
         p, s, a = _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
         acc = _gemv_step(acc, p_step, s_step, a_step, PTX)
-
-    out = tl.sum(acc, axis=1) * (tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT)
-    if bias_ptrs is not None:
-        out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
-    out_ptr = _pick(member, out_ptrs)
-    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    alpha = tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT
+    _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N)
 
 
 # The NVFP4 x NVFP4 GEMV multiplies integers: twice an e2m1 value is an integer of -12..12, so a 16-element block's
@@ -541,20 +559,6 @@ def _int8_operand_kernel(x_ptr, x_scale_ptr, pts_ptr, words_ptr, factors_ptr, pt
 
 
 @triton.jit
-def _w4a4_weight_loads(w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
-    """The weight tiles of K step ``step`` of ``_gemv_w4a4_kernel``: words [BLOCK_N, 2G] and scales [BLOCK_N, G]
-    (G = BLOCK_K / 16 blocks). Masked past K."""
-    G: tl.constexpr = BLOCK_K // 16
-    offs_u = step * 2 * G + tl.arange(0, 2 * G)
-    offs_g = step * G + tl.arange(0, G)
-    p = tl.load(w_ptr.to(tl.pointer_type(tl.uint32)) + rows_n[:, None] * (stride_wn // 4) + offs_u[None, :],
-                mask=(offs_u < K_WORDS)[None, :], other=0)
-    s = tl.load(w_scale_ptr + rows_n[:, None] * stride_wsn + offs_g[None, :], mask=(offs_g < K_WORDS // 2)[None, :],
-                other=0)
-    return p, s
-
-
-@triton.jit
 def _w4a4_activation_loads(a_ptr, a_factor_ptr, step, K_WORDS, BLOCK_K: tl.constexpr):
     """The activation tiles of K step ``step``: operand words [G, 8] and block factors [G]. Masked past K."""
     G: tl.constexpr = BLOCK_K // 16
@@ -585,24 +589,20 @@ def _gemv_w4a4_kernel(
     as every kernel here does. The loads are ``_gemv_kernel``'s: K in words, the next step's tiles loaded before
     this step's arithmetic."""
     G: tl.constexpr = BLOCK_K // 16
-    member, first_n, end_n = _member(tl.program_id(0) * BLOCK_N, ends)
-    w_ptr, w_scale_ptr = _pick(member, w_ptrs), _pick(member, w_scale_ptrs)
-    N = end_n - first_n
-    offs_n = tl.program_id(0) * BLOCK_N - first_n + tl.arange(0, BLOCK_N)
-    rows_n = offs_n % N
-
+    member, w_ptr, w_scale_ptr, N, offs_n, rows_n = _gemv_rows(ends, w_ptrs, w_scale_ptrs, BLOCK_N)
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     # The table's low half 0x03020100 for the prmt, as a value of each thread's own (rows_n's top bit is 0):
     # as a constant, ptxas keeps it in a uniform register and copies it out before every prmt.
     table = ((rows_n.to(tl.uint32, bitcast=True) >> 31) | 0x03020100).to(tl.int32)[:, None]
     zero = tl.zeros((BLOCK_N, G), dtype=tl.int32)
-    p, s = _w4a4_weight_loads(w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+    p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
     if PDL:  # the weight is in flight while the operand kernel before finishes
         gdc_wait()
     a, f = _w4a4_activation_loads(a_ptr, a_factor_ptr, 0, K_WORDS, BLOCK_K)
     for step in range(0, tl.cdiv(K_WORDS * 8, BLOCK_K)):
         p_step, s_step, a_step, f_step = p, s, a, f
-        p, s = _w4a4_weight_loads(w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+        p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn,
+                                  BLOCK_K)
         a, f = _w4a4_activation_loads(a_ptr, a_factor_ptr, step + 1, K_WORDS, BLOCK_K)
         w0, w1 = tl.split(tl.reshape(p_step, (BLOCK_N, G, 2)))
         lo0, hi0, nlo0, nhi0, lo1, hi1, nlo1, nhi1 = _split8(a_step)
@@ -611,11 +611,7 @@ def _gemv_w4a4_kernel(
         acc += block.to(tl.float32) * f_step[None, :] * _e4m3_to_f16(s_step, PTX).to(tl.float32)
 
     alpha = tl.load(_pick(member, w_pts_ptrs)) * tl.load(a_pts_ptr)
-    out = tl.sum(acc, axis=1) * alpha
-    if bias_ptrs is not None:
-        out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
-    out_ptr = _pick(member, out_ptrs)
-    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N)
 
 
 @triton.jit
