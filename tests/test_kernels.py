@@ -242,6 +242,19 @@ def test_gemm_quantize_awkward_activations(m):
     assert quantizing_gemm(torch.zeros(m, 96, device=DEVICE), w, None)[0].isnan().all()
 
 
+@pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
+def test_one_row_quantize_in_several_programs_and_amax_steps(monkeypatch, static):
+    """The integer GEMV's operand kernel with K longer than one program's share and than one step of its amax pass
+    (as K = 28,672 is on a GPU, with 1,024 elements a program and 16,384 an amax step), shrunk so that the
+    interpreter runs it: K = 400 over 7 programs of 64 elements, the amax over 4 steps of 128, the last ones
+    partial."""
+    monkeypatch.setattr(triton_gemm, "_OPERAND_BLOCK_K", 64)
+    monkeypatch.setattr(triton_gemm, "_OPERAND_ROW_BLOCK", 128)
+    x = (torch.randn(1, 400) * torch.rand(1, 400) * 10).bfloat16()
+    x[0, 390] = 40.0  # the row's amax in its last, partial step
+    quantizing_gemm(x.to(DEVICE), [random_nvfp4(48, 400)], None, torch.tensor(0.003) if static else None)
+
+
 @pytest.mark.parametrize("m", (1, 5))
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
 def test_gemm_quantizes_for_a_group(static, m):
