@@ -5,7 +5,8 @@ GEMM per weight over one activation, run as one launch where they form a group),
 picks a kernel by device:
 
 - compute capability 8.x / 9.x: Triton kernels (``triton_gemm``): up to ``DIRECT_MAX_ROWS`` activation rows they
-  read the packed weight and dequantize it in registers; above, an exact dequantize feeds cuBLAS. On 9.x
+  read the packed weight once, in registers (one row: GEMVs, in integer arithmetic for an NVFP4 activation); above,
+  an exact dequantize feeds cuBLAS. On 9.x
   (Hopper) with Triton 3.6, 2 to ``FUSED_MAX_ROWS`` rows run the fused Gluon kernel (``gluon_gemm``) instead,
   where K allows (``fused_problem``);
 - 10.x and up: ``torch._scaled_mm`` for NVFP4 x NVFP4 (``blackwell``, untested on hardware), Triton otherwise;
