@@ -470,11 +470,9 @@ prmt.b32 p, $6, 0x0C080604, nh; dp4a.s32.s32 $0, p, $5, t;
 
 @triton.jit
 def _doubled_e2m1(code):
-    """e2m1 codes (0..15, int32) -> twice their values as int32 (-12..12)."""
-    e = (code & 7) >> 1
-    m = code & 1
-    value = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0))
-    return tl.where((code & 8) != 0, -value, value)
+    """e2m1 codes (0..15, int32) -> twice their values as int32 (-12..12), from ``_e2m1_value`` (exact: halves of
+    integers)."""
+    return (_e2m1_value(code) * 2.0).to(tl.int32)
 
 
 @triton.jit
