@@ -796,27 +796,24 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize
             BLOCK_K=_OPERAND_BLOCK_K, ROW_BLOCK=min(triton.next_power_of_2(k), _OPERAND_ROW_BLOCK),
             num_warps=_OPERAND_WARPS, launch_pdl=pdl)
         a_pts = a_pts if own_pts is None else own_pts
+        kernel, configs, activation = _gemv_w4a4_kernel, _GEMV_W4A4_CONFIGS, (words, factors, a_pts)
+        launch_options = {"PDL": pdl, "launch_pdl": pdl}
+    else:
+        kernel, configs, activation, launch_options = _gemv_kernel, _GEMV_CONFIGS, (a,), {}
 
     def run(cfg):
         block_n, block_k, warps = cfg
-        grid = (triton.cdiv(ends[-1], block_n),)
-        if w4a4:
-            _gemv_w4a4_kernel[grid](
-                words, factors, a_pts, w_packed, w_scales, w_pts, biases, tuple(outs), ends, k // 8,
-                w_packed[0].stride(0), w_scales[0].stride(0),
-                PTX=ptx, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
-        else:
-            _gemv_kernel[grid](
-                a, w_packed, w_scales, w_pts, biases, tuple(outs), ends, k // 8,
-                w_packed[0].stride(0), w_scales[0].stride(0),
-                PTX=ptx, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        kernel[(triton.cdiv(ends[-1], block_n),)](
+            *activation, w_packed, w_scales, w_pts, biases, tuple(outs), ends, k // 8,
+            w_packed[0].stride(0), w_scales[0].stride(0),
+            PTX=ptx, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **launch_options)
 
     if config is None:
         if knobs.runtime.interpret:
             config = _INTERPRET_GEMV
         else:
             key = ("gemv", w4a4, a.dtype, outs[0].dtype, biases is not None, ends, k)
-            config = _choose(key, _GEMV_W4A4_CONFIGS if w4a4 else _GEMV_CONFIGS, run)
+            config = _choose(key, configs, run)
     run(config)
     return outs
 
