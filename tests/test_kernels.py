@@ -307,8 +307,7 @@ def _run_word_dot_ptx(word, operands, table, acc):
 def test_word_dot_ptx_is_the_integer_dot_product():
     """The GEMV's inline PTX (which only a GPU runs) computes acc + sum(2 * w_j * 2 * a_j) over a word's 8 nibbles:
     every nibble value, with random activation integers of -12..12."""
-    codes = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12])
-    doubled = torch.cat([codes, -codes]).tolist()  # twice the e2m1 value of codes 0..15
+    doubled = (2 * nvfp4.e2m1_to_float(torch.arange(16, dtype=torch.uint8))).int().tolist()  # codes 0..15
     gen = torch.Generator().manual_seed(0)
     words = torch.randint(0, 2**32, (400,), generator=gen, dtype=torch.int64).tolist()
     words += [sum(c << (4 * j) for j in range(8)) for c in range(16)]
