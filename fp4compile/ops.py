@@ -21,8 +21,8 @@ the op that produces the activation; on CUDA the amax and the ``quantize_blocks`
 activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``. On CPU: the kernel op (the reference), ``gemm``'s activation
 quantized first (``quantize_act``'s decomposition). On CUDA up to 128 rows: the kernel ops, ``gemm``'s being
-``quantize_gemm_kernel``, which takes the high-precision activation (one row: a Triton kernel quantizes it to the
-integers the integer GEMV multiplies; more rows go through the Triton kernel ``quantize_values`` inside the op). On
+``quantize_gemm_kernel``, which takes the high-precision activation (up to ``kernels.GEMV_MAX_ROWS`` rows: a Triton
+kernel quantizes them to the integers the integer GEMV multiplies; more rows go through the Triton kernel ``quantize_values`` inside the op). On
 CUDA with more rows: an exact dequantize (for ``gemm`` the activation by ``format.quantize_values``, Inductor's
 code) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the global scales and the bias itself;
 otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates each dequantize once per shape,
@@ -250,12 +250,12 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
 
     - "kernel": the kernel op, an extern call: on CPU the exact reference (``fp4::gemm`` quantizing by
       ``quantize_act``'s decomposition first, plain torch that fuses with the activation's producer); on CUDA, up
-      to ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMV for one row; for
+      to ``kernels.DIRECT_MAX_ROWS`` rows, the kernels that read the packed weight once (GEMVs for a few rows; for
       more, tensor cores with the weight dequantized in registers: on Hopper the fused Gluon kernel, elsewhere the
       Triton one);
     - "quantizing kernel": ``quantizes`` on CUDA, up to ``kernels.DIRECT_MAX_ROWS`` rows: the kernel op that takes
-      the high-precision activation (``quantize_gemm_kernel``). One row: a Triton kernel quantizes it, its dynamic
-      per-tensor scale included, straight to the integers of the integer GEMV, which starts loading its weight
+      the high-precision activation (``quantize_gemm_kernel``). Up to ``kernels.GEMV_MAX_ROWS`` rows: a Triton
+      kernel quantizes them, their dynamic per-tensor scale included, straight to the integers of the integer GEMV, which starts loading its weight
       while that kernel runs (a programmatic dependent launch on Hopper). More rows:
       the dynamic scale is Inductor's (fused with the activation's producer) and the op runs the Triton
       ``quantize_values`` and the kernel, two launches where a packed activation took three (quantize, dequantize,

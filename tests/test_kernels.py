@@ -183,8 +183,8 @@ def test_gemv_subnormal_activations(dtype):
 
 
 def quantizing_gemm(x, weights, biases, act_pts=None):
-    """``x [M, K]`` through ``quantize_gemm_group`` (one row: the integer GEMV after its operand kernel quantizes
-    the row; more: the values kernel, then the tensor-core kernel), checked for NaN against the reference and,
+    """``x [M, K]`` through ``quantize_gemm_group`` (up to ``GEMV_MAX_ROWS`` rows: the integer GEMV after its
+    operand kernel quantizes them; more: the values kernel, then the tensor-core kernel), checked for NaN against the reference and,
     where the reference is finite, bit for bit against the packed path (the Triton activation quantize, then the
     GEMM of the packed activation) and against fp64 products of the reference's dequantized operands. Returns the
     outputs."""
@@ -207,13 +207,13 @@ def quantizing_gemm(x, weights, biases, act_pts=None):
     return outs
 
 
-@pytest.mark.parametrize("m", (1, 3))
+@pytest.mark.parametrize("m", (1, 3, 17))
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
 @pytest.mark.parametrize(("k", "n", "dtype", "with_bias"), [
     (16, 16, torch.bfloat16, True), (48, 100, torch.float16, False), (4096 if CUDA else 272, 100, torch.float32, True)],
     ids=str)
 def test_gemm_quantizes_its_activation(k, n, dtype, with_bias, static, m):
-    """NVFP4 x NVFP4 from the high-precision activation: the GEMV's own quantize at one row, the values kernel's
+    """NVFP4 x NVFP4 from the high-precision activation: the GEMV's own quantize at few rows, the values kernel's
     at more (dynamic: the activation's amax; static: a given scale), equals the activation quantize kernel's, so
     the output equals quantize + GEMM."""
     x = (torch.randn(m, k) * torch.rand(m, k) * 10).to(dtype).to(DEVICE)
@@ -242,16 +242,17 @@ def test_gemm_quantize_awkward_activations(m):
     assert quantizing_gemm(torch.zeros(m, 96, device=DEVICE), w, None)[0].isnan().all()
 
 
+@pytest.mark.parametrize("rows", (1, 3))
 @pytest.mark.parametrize("static", (False, True), ids=("dynamic", "static"))
-def test_one_row_quantize_in_several_programs_and_amax_steps(monkeypatch, static):
-    """The integer GEMV's operand kernel with K longer than one program's share and than one step of its amax pass
-    (as K = 28,672 is on a GPU, with 1,024 elements a program and 16,384 an amax step), shrunk so that the
-    interpreter runs it: K = 400 over 7 programs of 64 elements, the amax over 4 steps of 128, the last ones
-    partial."""
+def test_gemv_quantize_in_several_programs_and_amax_steps(monkeypatch, static, rows):
+    """The integer GEMV's operand kernel with the activation longer than one program's share and than one step of
+    its amax pass (as K = 28,672 is on a GPU, with 1,024 elements a program and 16,384 an amax step), shrunk so that
+    the interpreter runs it: K = 400 over programs of 64 elements (one straddles two rows), the amax over steps of
+    128, the last ones partial."""
     monkeypatch.setattr(triton_gemm, "_OPERAND_BLOCK_K", 64)
     monkeypatch.setattr(triton_gemm, "_OPERAND_ROW_BLOCK", 128)
-    x = (torch.randn(1, 400) * torch.rand(1, 400) * 10).bfloat16()
-    x[0, 390] = 40.0  # the row's amax in its last, partial step
+    x = (torch.randn(rows, 400) * torch.rand(rows, 400) * 10).bfloat16()
+    x[-1, 390] = 40.0  # the activation's amax in its last, partial step
     quantizing_gemm(x.to(DEVICE), [random_nvfp4(48, 400)], None, torch.tensor(0.003) if static else None)
 
 
@@ -266,20 +267,17 @@ def test_gemm_quantizes_for_a_group(static, m):
         quantizing_gemm(x, weights, biases, torch.tensor(0.01) if static else None)
 
 
-def _run_word_dot_ptx(word, operands, table, acc):
-    """``triton_gemm._WORD_DOT_PTX`` executed instruction by instruction with PTX's semantics of its four opcodes
-    (``prmt``: per byte, selector nibble j picks byte j & 7 of {b, a}, or with bit 3 set that byte's sign
-    replicated)."""
-    regs = {"$1": word, "$2": operands[0], "$3": operands[1], "$4": operands[2], "$5": operands[3], "$6": table,
-            "$7": acc}
-
+def _run_ptx(ptx, regs):
+    """Inline PTX executed instruction by instruction with PTX's semantics of its four opcodes (``prmt``: per byte,
+    selector nibble j picks byte j & 7 of {b, a}, or with bit 3 set that byte's sign replicated); ``regs`` maps
+    the operands ``$i`` to their values and receives the results."""
     def value(name):
         return regs[name] if name in regs else int(name, 0)
 
     def signed_bytes(v):
         return [((v >> (8 * i)) & 255) - (256 if (v >> (8 * i)) & 128 else 0) for i in range(4)]
 
-    for line in triton_gemm._WORD_DOT_PTX.value.strip("{}").split(";"):
+    for line in ptx.value.strip("{}").split(";"):
         parts = line.replace(",", " ").split()
         if not parts or parts[0] == ".reg":
             continue
@@ -301,12 +299,13 @@ def _run_word_dot_ptx(word, operands, table, acc):
             regs[dst] = a[2] + sum(x * y for x, y in zip(signed_bytes(a[0]), signed_bytes(a[1])))
         else:
             raise AssertionError(f"unexpected instruction {op}")
-    return regs["$0"]
+    return regs
 
 
 def test_word_dot_ptx_is_the_integer_dot_product():
-    """The GEMV's inline PTX (which only a GPU runs) computes acc + sum(2 * w_j * 2 * a_j) over a word's 8 nibbles:
-    every nibble value, with random activation integers of -12..12."""
+    """The integer GEMV's inline PTX (which only a GPU runs), a word's lookup then its dot product with one row,
+    computes acc + sum(2 * w_j * 2 * a_j) over the word's 8 nibbles: every nibble value, with random activation
+    integers of -12..12."""
     doubled = (2 * nvfp4.e2m1_to_float(torch.arange(16, dtype=torch.uint8))).int().tolist()  # codes 0..15
     gen = torch.Generator().manual_seed(0)
     words = torch.randint(0, 2**32, (400,), generator=gen, dtype=torch.int64).tolist()
@@ -317,7 +316,10 @@ def test_word_dot_ptx_is_the_integer_dot_product():
         pack = [sum((v & 255) << (8 * i) for i, v in enumerate(vals)) for vals in (a[:4], a[4:])]
         negated = [sum((-v & 255) << (8 * i) for i, v in enumerate(vals)) for vals in (a[:4], a[4:])]
         expected = acc + sum(doubled[(word >> (4 * j)) & 15] * a[j] for j in range(8))
-        assert _run_word_dot_ptx(word, pack + negated, 0x03020100, acc) == expected, hex(word)
+        lookups = _run_ptx(triton_gemm._WORD_LOOKUP_PTX, {"$4": word, "$5": 0x03020100})
+        regs = {f"${i + 1}": lookups[f"${i}"] for i in range(4)}
+        regs.update({f"${i + 5}": v for i, v in enumerate(pack + negated)}, **{"$9": acc})
+        assert _run_ptx(triton_gemm._WORD_DOT_PTX, regs)["$0"] == expected, hex(word)
 
 
 @gpu_only
@@ -326,7 +328,7 @@ def test_word_dot_ptx_is_the_integer_dot_product():
 def test_every_config(kernel, op):
     """Each tuned configuration computes the same function (also warms the compile cache for the bench)."""
     n, k = 256, 1056
-    for m in ((1,) if kernel == "gemv" else (16, 40)):
+    for m in ((1, kernels.GEMV_MAX_ROWS) if kernel == "gemv" else (16, 40)):
         gemv_configs = triton_gemm._GEMV_CONFIGS if op == "a16" else triton_gemm._GEMV_W4A4_CONFIGS
         configs, launch = ((gemv_configs, triton_gemm.launch_gemv) if kernel == "gemv"
                            else (triton_gemm._mma_configs(m), triton_gemm.launch_mma))
@@ -552,18 +554,64 @@ def test_ops_dispatch_leading_dims():
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
 
 
-def test_gemv_copies_unaligned_rows():
-    """The GEMV reads 16-byte vectors: a row that starts off that boundary or strides along K is copied first;
-    a packed weight it cannot read as 32-bit words is refused with a message naming the problem."""
+@pytest.mark.parametrize("rows", (1, kernels.GEMV_A16_MAX_ROWS))
+def test_gemv_copies_unaligned_rows(rows):
+    """The GEMV reads 16-byte vectors, its rows K apart: rows that start off that boundary, stride along K or lie
+    further apart are copied first; a packed weight it cannot read as 32-bit words is refused with a message naming
+    the problem."""
     w = random_nvfp4(48, 64)
-    base = torch.randn(1, 160, device=DEVICE).bfloat16()
-    for x in (base[:, 1:65], base[:, ::2][:, :64]):
+    base = torch.randn(rows, 160, device=DEVICE).bfloat16()
+    for x in (base[:, 1:65], base[:, ::2][:, :64], base[:, :64]):
         out = triton_gemm.gemm_a16(x, *w, None, out_dtype=torch.float32)
         check(out, x.cpu().double() @ dequant64(*w).t(), out, torch.float32)
     packed, scales, pts = w
     shifted = torch.empty(48, 33, dtype=torch.uint8, device=DEVICE)[:, 1:].copy_(packed)
     with pytest.raises(ValueError, match="32-bit words"):
         triton_gemm.gemm_a16(base[:, :64], shifted, scales, pts, None)
+
+
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no-bias"))
+@pytest.mark.parametrize("m", range(1, kernels.GEMV_MAX_ROWS + 1))
+@pytest.mark.parametrize("op", ("a16", "nvfp4"))
+def test_gemv_rows(op, m, with_bias):
+    """Every row count the GEMVs take, each row its own accumulator and output row: rows of different scales (a
+    row mixed up with another shows), N not a multiple of the tile, K over several steps."""
+    k, n = 96 if not CUDA else 4160, 100
+    x = (torch.randn(m, k) * torch.logspace(0, 3, m)[:, None]).bfloat16().to(DEVICE)
+    w = random_nvfp4(n, k)
+    bias = (torch.randn(n) * 3).bfloat16().to(DEVICE) if with_bias else None
+    bias64 = bias.cpu().double() if with_bias else 0.0
+    if op == "a16":
+        outs = [torch.full((m, n), float("nan"), device=DEVICE, dtype=t) for t in (torch.float32, torch.bfloat16)]
+        for out in outs:
+            triton_gemm.launch_gemv(x, None, None, [w], None if bias is None else [bias], [out])
+        check(outs[0], x.cpu().double() @ dequant64(*w).t() + bias64, outs[1], torch.bfloat16)
+    else:
+        quantizing_gemm(x, [w], None if bias is None else [bias])
+        run_case(op, m, n, k, torch.float16, with_bias)
+
+
+def test_gemv_row_limits(monkeypatch):
+    """The GEMVs take up to GEMV_A16_MAX_ROWS rows of a bf16 activation and GEMV_MAX_ROWS of an NVFP4 one; the
+    tensor-core kernels the rows past those."""
+    rows = []
+    launch_gemv = triton_gemm.launch_gemv
+    monkeypatch.setattr(triton_gemm, "launch_gemv", lambda a, *args, **kw: rows.append(a.shape[0])
+                        or launch_gemv(a, *args, **kw))
+    w = random_nvfp4(16, 32)
+    for m in (kernels.GEMV_A16_MAX_ROWS, kernels.GEMV_A16_MAX_ROWS + 1):
+        triton_gemm.gemm_a16(torch.randn(m, 32, device=DEVICE).bfloat16(), *w, None)
+    for m in (kernels.GEMV_MAX_ROWS, kernels.GEMV_MAX_ROWS + 1):
+        triton_gemm.quantize_gemm_group(torch.randn(m, 32, device=DEVICE).bfloat16(), None, [w], None)
+    assert rows == [kernels.GEMV_A16_MAX_ROWS, kernels.GEMV_MAX_ROWS]
+
+
+def test_gemv_refuses_more_rows_than_it_takes():
+    w = random_nvfp4(16, 32)
+    x = torch.randn(kernels.GEMV_MAX_ROWS + 1, 32, device=DEVICE).bfloat16()
+    out = torch.empty(x.shape[0], 16, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"1 to {kernels.GEMV_MAX_ROWS} rows"):
+        triton_gemm.launch_gemv(x, None, None, [w], None, [out])
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))

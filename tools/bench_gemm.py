@@ -1,14 +1,17 @@
 """Time the NVFP4 GEMMs against cuBLAS bf16 on one CUDA GPU; everything in one command.
 
     PYTHONPATH=. python3 tools/bench_gemm.py [--out bench.json] [--shapes 4096x4096,...] [--ms 1,16,...]
+                                             [--gemv-rows R]
 
 For each weight shape (N, K) and batch M: the median time (triton.testing.do_bench, L2 flushed between runs) of
 cuBLAS bf16 ``F.linear``, fp4compile nvfp4a16 (``torch.ops.fp4.gemm_a16``) and nvfp4 (``torch.ops.fp4.gemm``, which
 quantizes its activation), both under torch.compile as the backend runs them, the quantize alone, the
 ratios to bf16 and the floors (bytes over the measured copy bandwidth, FLOPs over the measured bf16 rate), timed
 with Python's garbage collector off (as ``timeit`` does) and cuBLAS's reduced-precision reductions off for fp4. At
-decode sizes and M=128 it also times CUDA-graph replays over enough weight copies to miss L2. Each fp4 result is checked
-against an fp32 product of the dequantized operands. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
+decode sizes up to M=128 it also times CUDA-graph replays over enough weight copies to miss L2. Each fp4 result is
+checked against an fp32 product of the dequantized operands. ``--gemv-rows R`` lets the GEMVs take at most R rows of either
+activation (``kernels.GEMV_MAX_ROWS``, ``GEMV_A16_MAX_ROWS``; above, the tensor-core kernels), to compare the two
+paths at a few rows. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
 set); a short table is printed last.
 """
 
@@ -25,11 +28,12 @@ from triton.testing import do_bench
 
 from fp4compile import format as nvfp4
 from fp4compile.backend import fp32_gemm_reductions
+from fp4compile import kernels
 from fp4compile.kernels import triton_gemm
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192))
 MS = (1, 16, 128, 1024, 4096)
-GRAPH_MS = (1, 16, 128)  # also timed as CUDA-graph replays, where launch overhead would hide the kernels
+GRAPH_MAX_M = 128  # up to here also timed as CUDA-graph replays, where launch overhead would hide the kernels
 TARGETS = {1: (3.0, 2.5), 16: (3.0, 2.5), 128: (2.0, 1.5), 4096: (0.9, 0.8)}  # (nvfp4a16, nvfp4) vs bf16
 
 
@@ -121,7 +125,7 @@ def bench_point(n, k, m, weights, ceil, quant, a16_compiled, w4a4_compiled) -> d
     row["floor_quant_us"] = (2 * m * k + m * k * 9 / 16) / gb
     row["a16_x"] = row["bf16_us"] / row["a16_us"]
     row["nvfp4_x"] = row["bf16_us"] / row["nvfp4_us"]
-    if m in GRAPH_MS:
+    if m <= GRAPH_MAX_M:
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
         copies = max(2, math.ceil(3 * l2 / (n * k * 9 / 16)))
         fp4_copies = [tuple(t.clone() for t in w_fp4) for _ in range(copies)]
@@ -145,7 +149,14 @@ def main() -> None:
     parser.add_argument("--out", default=default_out, help="JSON results path")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="batch sizes M")
+    parser.add_argument("--gemv-rows", type=int, help=f"the most rows either GEMV takes (1 to {kernels.GEMV_MAX_ROWS};"
+                        f" default {kernels.GEMV_A16_MAX_ROWS} with a bf16 activation, {kernels.GEMV_MAX_ROWS} NVFP4)")
     args = parser.parse_args()
+    if args.gemv_rows is not None:
+        if not 1 <= args.gemv_rows <= kernels.GEMV_MAX_ROWS:
+            parser.error(f"--gemv-rows takes 1 to {kernels.GEMV_MAX_ROWS}")
+        kernels.GEMV_MAX_ROWS = triton_gemm.GEMV_MAX_ROWS = args.gemv_rows
+        kernels.GEMV_A16_MAX_ROWS = triton_gemm.GEMV_A16_MAX_ROWS = args.gemv_rows
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     torch._dynamo.config.cache_size_limit = 64
@@ -156,7 +167,8 @@ def main() -> None:
     w4a4_compiled = torch.compile(lambda x, p, s, t: torch.ops.fp4.gemm(x, None, [p], [s], [t], [None])[0],
                                   dynamic=False)
 
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gemv_rows": args.gemv_rows,
+              "rows": []}
     result.update(ceilings())
     print(f"{result['device']}: copy {result['copy_GBps']:.0f} GB/s, bf16 mm {result['bf16_TFLOPs']:.0f} TFLOP/s",
           flush=True)
@@ -198,7 +210,7 @@ def main() -> None:
         rows = [r for r in result["rows"] if r["M"] == m]
         a16_x, w4_x = geomean([r["a16_x"] for r in rows]), geomean([r["nvfp4_x"] for r in rows])
         line = f"  M={m:>5}: nvfp4a16 {a16_x:.2f}x  nvfp4 {w4_x:.2f}x"
-        if m in GRAPH_MS:
+        if m <= GRAPH_MAX_M:
             line += (f"  [{geomean([r['graph_a16_x'] for r in rows]):.2f}x "
                      f"{geomean([r['graph_nvfp4_x'] for r in rows]):.2f}x]")
         if m in TARGETS:

@@ -34,7 +34,7 @@ from tune_kernels import GEMV_CANDIDATES, L2_MISS_BYTES  # noqa: E402
 
 from fp4compile import format as nvfp4  # noqa: E402
 from fp4compile.kernels import triton_gemm  # noqa: E402
-from fp4compile.kernels.triton_gemm import _UNPACK_SHIFT, _gemv_step  # noqa: E402
+from fp4compile.kernels.triton_gemm import _UNPACK_SHIFT, _e2m1_word_to_f32, _e4m3_to_f16, _gemv_row  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, num_warps) and (BLOCK_N, BLOCK_K, num_warps, STAGES)
 READ_LDG_CONFIGS = [(16, 1024, 4), (32, 1024, 4), (64, 512, 4), (16, 2048, 4), (32, 1024, 8)]
@@ -85,7 +85,7 @@ def gemv_tma(a_ptr, w_desc, s_desc, w_pts_ptr, out_ptr, N, K, BLOCK_N: tl.conste
         offs_u = step * W + tl.arange(0, W)
         a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=(offs_u < K // 8)[:, None],
                     other=0.0).to(tl.float32)
-        acc = _gemv_step(acc, p, s, a, True)
+        acc = _gemv_row(acc, _e2m1_word_to_f32(p, True), _e4m3_to_f16(s, True).to(tl.float32), a)
     rows = off_n + tl.arange(0, BLOCK_N)
     out = tl.sum(acc, axis=1) * (tl.load(w_pts_ptr) * _UNPACK_SHIFT)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)

@@ -2,7 +2,7 @@
 or ``_gemv_w4a4_kernel`` (NVFP4) ahead of time for sm_90 with Triton's bundled ``ptxas`` and prints its registers and
 the instructions of its main loop by opcode.
 
-    PYTHONPATH=. python tools/sass_gemv.py [--config 16,1024,4] [--activation bf16|nvfp4] [--sass out.sass]
+    PYTHONPATH=. python tools/sass_gemv.py [--config 16,1024,4] [--activation bf16|nvfp4] [--rows 1] [--sass out.sass]
 
 The arguments are specialized as the launcher's are on the benchmark shapes (pointers 16-byte aligned, K_WORDS and
 the strides multiples of 16), so the code is what an H100/H200 runs there. "per element" divides the loop's
@@ -29,13 +29,14 @@ from fp4compile.kernels import triton_gemm  # noqa: E402
 _ALIGNED = [["tt.divisibility", 16]]
 
 
-def compile_gemv(block_n: int, block_k: int, warps: int, activation: str):
-    """The GEMV for one weight (no bias), bf16 output, compiled for sm_90: ``_gemv_kernel`` for a bf16 activation,
-    ``_gemv_w4a4_kernel`` for an NVFP4 one."""
+def compile_gemv(block_n: int, block_k: int, warps: int, activation: str, rows: int = 1):
+    """The GEMV for one weight (no bias), bf16 output, ``rows`` activation rows (1 to 4), compiled for sm_90:
+    ``_gemv_kernel`` for a bf16 activation, ``_gemv_w4a4_kernel`` for an NVFP4 one."""
     common = {"w_ptrs": ("*u8",), "w_scale_ptrs": ("*u8",), "w_pts_ptrs": ("*fp32",), "bias_ptrs": "constexpr",
-              "out_ptrs": ("*bf16",), "ends": ("i32",), "K_WORDS": "i32", "stride_wn": "i32", "stride_wsn": "i32",
-              "PTX": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    constants = {"bias_ptrs": None, "PTX": True, "BLOCK_N": block_n, "BLOCK_K": block_k}
+              "out_ptrs": ("*bf16",), "ends": ("i32",), "K_WORDS": "i32",
+              "stride_wn": "i32", "stride_wsn": "i32", "PTX": "constexpr", "ROWS": "constexpr",
+              "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    constants = {"bias_ptrs": None, "PTX": True, "ROWS": rows, "BLOCK_N": block_n, "BLOCK_K": block_k}
     if activation == "nvfp4":
         kernel = triton_gemm._gemv_w4a4_kernel
         signature = {"a_ptr": "*i32", "a_factor_ptr": "*fp32", "a_pts_ptr": "*fp32", **common, "PDL": "constexpr"}
@@ -87,10 +88,11 @@ def main() -> None:
     p.add_argument("--config", default="16,1024,4", help="BLOCK_N,BLOCK_K,num_warps")
     p.add_argument("--activation", default="bf16", choices=("bf16", "nvfp4"),
                    help="bf16 (nvfp4a16) or NVFP4 (nvfp4: the integer GEMV)")
+    p.add_argument("--rows", type=int, default=1, help="activation rows the kernel is compiled for (1 to 4)")
     p.add_argument("--sass", help="write the whole SASS here")
     args = p.parse_args()
     block_n, block_k, warps = (int(v) for v in args.config.split(","))
-    kernel = compile_gemv(block_n, block_k, warps, args.activation)
+    kernel = compile_gemv(block_n, block_k, warps, args.activation, args.rows)
     sass = _cuobjdump(kernel.asm["cubin"], "-sass")
     if args.sass:
         Path(args.sass).write_text(sass)
@@ -98,7 +100,8 @@ def main() -> None:
     loop = main_loop(sass)
     per_thread = block_n * block_k // (32 * warps)
     ops = Counter(opcode(line) for line in loop)
-    print(f"GEMV {args.activation}, config {block_n},{block_k},{warps}, sm_90, Triton {triton.__version__}: "
+    print(f"GEMV {args.activation}, {args.rows} row(s), config {block_n},{block_k},{warps}, sm_90, "
+          f"Triton {triton.__version__}: "
           + ", ".join(f"{k.lower()} {v}" for k, v in usage))
     print(f"loop: {len(loop)} instructions a step, {per_thread} weight elements a thread, "
           f"{len(loop) / per_thread:.2f} per element")

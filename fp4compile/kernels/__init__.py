@@ -5,17 +5,17 @@ GEMM per weight over one activation, run as one launch where they form a group),
 picks a kernel by device:
 
 - compute capability 8.x / 9.x: Triton kernels (``triton_gemm``): up to ``DIRECT_MAX_ROWS`` activation rows they
-  read the packed weight once, in registers (one row: GEMVs, in integer arithmetic for an NVFP4 activation); above,
-  an exact dequantize feeds cuBLAS. On 9.x
-  (Hopper) with Triton 3.6, 2 to ``FUSED_MAX_ROWS`` rows run the fused Gluon kernel (``gluon_gemm``) instead,
-  where K allows (``fused_problem``);
+  read the packed weight once, in registers (GEMVs up to ``GEMV_A16_MAX_ROWS`` rows of a bf16/fp16 activation and
+  ``GEMV_MAX_ROWS`` of an NVFP4 one, the latter in integer arithmetic); above, an exact dequantize feeds cuBLAS.
+  On 9.x (Hopper) with Triton 3.6, the rows past the GEMVs' up to ``FUSED_MAX_ROWS`` run the fused Gluon kernel
+  (``gluon_gemm``) instead, where K allows (``fused_problem``);
 - 10.x and up: ``torch._scaled_mm`` for NVFP4 x NVFP4 (``blackwell``, untested on hardware), Triton otherwise;
 - anything else, or inputs a kernel cannot take: the exact reference (``format.reference_gemm``), with the
   reason logged once per reason.
 
 The activation quantize to packed NVFP4 (``quantize_blocks``) runs the Triton kernel of ``triton_quantize`` on any
 CUDA device; so does, inside :func:`quantize_gemm`, the one to the exact values ``e2m1 * S_b`` that a GEMM of more
-than one row reads.
+rows than the integer GEMV takes reads.
 Triton is imported lazily, so this module imports on machines without it.
 """
 
@@ -28,7 +28,8 @@ from .. import format as nvfp4
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_ROWS = 1  # the GEMV's rows; it can also quantize an NVFP4 activation itself (ops._gemm_plan)
+GEMV_MAX_ROWS = 4  # the GEMVs' rows (a weight word unpacked once for all), and NVFP4 activations' GEMV limit
+GEMV_A16_MAX_ROWS = 2  # bf16/fp16 activations: from 3 rows the fused kernel is faster (KERNEL_NOTES.md, version 29)
 DIRECT_MAX_ROWS = 128  # compiled GEMMs with at most this many rows call the kernels (ops._gemm_plan)
 FUSED_MAX_ROWS = 2048  # Hopper: the fused kernel's rows (its version 14 form tied dequantize + cuBLAS at 2048)
 FUSED_K_MULTIPLE = 256  # the fused kernel's K: scale rows 16-byte aligned, whole 64-element steps
@@ -173,8 +174,9 @@ def gemm(a_packed, a_scales, a_pts, w_packed, w_scales, w_pts, bias, out_dtype):
 def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
     """NVFP4 x NVFP4 on CUDA from the high-precision activation ``x [..., K]``: x quantized with the static
     per-tensor scale ``act_pts`` (or its own, dynamic, when None), times each weight of the lists (as for
-    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, one row runs a kernel that
-    quantizes it to the integer GEMV's operands, then that GEMV; more rows the quantize kernel writing exact values
+    :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, up to ``GEMV_MAX_ROWS`` rows
+    run a kernel that quantizes them to the integer GEMV's operands, then that GEMV; more rows the quantize kernel
+    writing exact values
     (``triton_quantize.quantize_values``) and the kernel that takes them, two. Blackwell (``torch._scaled_mm``) and
     inputs the kernels cannot take quantize to packed NVFP4 first and then run :func:`gemm`."""
     nvfp4.check_quantizable(x)

@@ -16,10 +16,11 @@ nibble placed in a byte is an e4m3 value (e2m1 * 2**-6), which the native conver
 as inline PTX on 4 bytes at a time and e4m3 uses the native conversion; sm_80 and the interpreter use the portable
 Triton version.
 
-Three paths, chosen by M. M == 1 runs on the CUDA cores, each block scale applied once per 16 products:
-``_gemv_kernel`` for a bf16/fp16 activation in fp32, ``_gemv_w4a4_kernel`` for an NVFP4 one in exact integer
-arithmetic (dp4a on twice the e2m1 values), after ``_int8_operand_kernel`` has turned the row (packed, or high
-precision that it quantizes) into those integers; ``_mma_kernel``
+Three paths, chosen by M. A few rows run on the CUDA cores, each weight word unpacked once for all rows and each
+block scale applied once per 16 products: ``_gemv_kernel`` for a bf16/fp16 activation (up to
+``GEMV_A16_MAX_ROWS`` rows) in fp32, ``_gemv_w4a4_kernel`` for an NVFP4 one (up to ``GEMV_MAX_ROWS``) in exact
+integer arithmetic (dp4a on twice the e2m1 values), after ``_int8_operand_kernel`` has turned the rows (packed, or
+high precision that it quantizes) into those integers; ``_mma_kernel``
 up to ``DIRECT_MAX_ROWS`` = 128 (tensor cores, the weight dequantized in registers as the MMA's left operand, K
 split across programs); above that ``_dequant_kernel`` writes the exact
 ``e2m1 * S_b`` operands as bf16/fp16 scratch for one cuBLAS GEMM with fp32 output, and ``_epilogue_kernel``
@@ -42,7 +43,8 @@ from triton import knobs
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .. import format as nvfp4
-from . import DIRECT_MAX_ROWS, GEMV_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem, triton_quantize
+from . import (DIRECT_MAX_ROWS, GEMV_A16_MAX_ROWS, GEMV_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem,
+               triton_quantize)
 
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
@@ -383,33 +385,48 @@ def _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, str
 
 
 @triton.jit
-def _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N):
-    """A GEMV's outputs: the [BLOCK_N, G] accumulator summed over G, times ``alpha``, plus the bias, cast."""
+def _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, row):
+    """Output row ``row`` of a GEMV: its [BLOCK_N, G] accumulator summed over G, times ``alpha``, plus the bias,
+    cast, into the member's contiguous output rows of N (nothing past N)."""
     out = tl.sum(acc, axis=1) * alpha
     if bias_ptrs is not None:
         out += tl.load(_pick(member, bias_ptrs) + rows_n).to(tl.float32)
     out_ptr = _pick(member, out_ptrs)
-    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    tl.store(out_ptr + row * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
-def _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K: tl.constexpr):
-    """The tiles of K step ``step`` of ``_gemv_kernel``: ``_gemv_weight_tiles`` and the activation's values
-    [W, 8] as fp32, masked past K."""
-    p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+def _gemv_values(a_ptr, row, step, K_WORDS, BLOCK_K: tl.constexpr):
+    """Activation row ``row``'s values [W, 8] of K step ``step`` of ``_gemv_kernel`` as fp32 (rows contiguous, K
+    apart), masked past K."""
     offs_u = step * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    a = tl.load(a_ptr + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :], mask=(offs_u < K_WORDS)[:, None], other=0.0)
-    return p, s, a.to(tl.float32)
+    a = tl.load(a_ptr + row * (K_WORDS * 8) + offs_u[:, None] * 8 + tl.arange(0, 8)[None, :],
+                mask=(offs_u < K_WORDS)[:, None], other=0.0)
+    return a.to(tl.float32)
 
 
 @triton.jit
-def _gemv_step(acc, p, s, a, PTX: tl.constexpr):
-    """``acc`` [BLOCK_N, G] plus one K step of ``_gemv_kernel``: weight words ``p`` [BLOCK_N, W] with block scales
-    ``s`` [BLOCK_N, G] (W = 2G) times the activation values ``a`` [W, 8], each block's products summed first and its
-    scale applied once."""
-    word_sums = tl.sum(_e2m1_word_to_f32(p, PTX) * a[None], axis=2)
-    block_sums = tl.sum(tl.reshape(word_sums, (acc.shape[0], acc.shape[1], 2)), axis=2)
-    return acc + block_sums * _e4m3_to_f16(s, PTX).to(tl.float32)
+def _gemv_row(acc, w, scale, a):
+    """``acc`` [BLOCK_N, G] plus one K step of one row of ``_gemv_kernel``: the unpacked weight ``w`` [BLOCK_N, W, 8]
+    with block scales ``scale`` [BLOCK_N, G] (W = 2G) times the activation values ``a`` [W, 8], each block's
+    products summed first and its scale applied once."""
+    word_sums = tl.sum(w * a[None], axis=2)
+    return acc + tl.sum(tl.reshape(word_sums, (acc.shape[0], acc.shape[1], 2)), axis=2) * scale
+
+
+@triton.jit
+def _gemv_activation(a_ptr, step, K_WORDS, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The activation values of K step ``step`` of ``_gemv_kernel``, one [W, 8] tile per row (up to four; the slots
+    past ROWS repeat row 0 and go unused)."""
+    a0 = _gemv_values(a_ptr, 0, step, K_WORDS, BLOCK_K)
+    a1, a2, a3 = a0, a0, a0
+    if ROWS > 1:
+        a1 = _gemv_values(a_ptr, 1, step, K_WORDS, BLOCK_K)
+    if ROWS > 2:
+        a2 = _gemv_values(a_ptr, 2, step, K_WORDS, BLOCK_K)
+    if ROWS > 3:
+        a3 = _gemv_values(a_ptr, 3, step, K_WORDS, BLOCK_K)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -418,53 +435,84 @@ def _gemv_kernel(
     a_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
     # dims (K in 32-bit words of the packed weight, K // 8, see below)
     ends, K_WORDS,
-    # strides (of packed weight rows and of scale rows, in bytes; the activation row is contiguous)
+    # strides (of packed weight rows and of scale rows, in bytes; the activation rows are contiguous)
     stride_wn, stride_wsn,
     # meta-parameters
-    PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PTX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """M == 1, bf16/fp16 activation: BLOCK_N output elements per program, on the CUDA cores.
+    """ROWS (1 to 4) activation rows, bf16/fp16: BLOCK_N output columns of every row per program, on the CUDA cores.
 
     A decode GEMV has to keep weight bytes in flight and spend few instructions per weight element. Each K
-    step loads the tiles of the next step (``_gemv_loads``) before computing on its own, so a program always
-    has a load outstanding. K comes in words (``K_WORDS``): Triton specializes an integer argument that is a
+    step loads the tiles of the next step before computing on its own, so a program always has a load
+    outstanding. K comes in words (``K_WORDS``): Triton specializes an integer argument that is a
     multiple of 16, so with K a multiple of 128 it sees each load's mask constant over 16 words and lets every
     thread load 16 bytes at once; given K itself, it could not, and loaded each word on its own (4-byte loads,
     scales byte by byte: 9% slower over the four benchmark shapes, tools/KERNEL_NOTES.md version 27). The weight
     is read as 32-bit words of 8 elements, unpacked by ``_e2m1_word_to_f32`` (under one integer instruction per
     element, then the native e4m3 and fp16 conversions) into fp32 values that are the e2m1 values times 2**-6,
-    and multiplied with the activation's fp32 values, which every weight row of the program shares. Two words
-    make a 16-element block: its products are summed first and its scale applied once; the per-block partial
-    sums stay in a [BLOCK_N, G] accumulator, reduced across G once at the end. Weight rows wrap modulo N (the
-    store is masked). A group of GEMMs runs as one launch: each program reads the member its rows belong to.
+    once for all rows, and multiplied with each row's fp32 values, which every weight row of the program shares.
+    Two words make a 16-element block: its products are summed first and its scale applied once; the per-block
+    partial sums stay in one [BLOCK_N, G] accumulator a row, reduced across G once at the end. The rows are
+    separate tensors, each with the one-row kernel's layout: as one [BLOCK_N, ROWS, ...] tensor, Triton spread the
+    word's 8 products across threads (Triton 3.6: 1,476 instructions a step at one row instead of 600). Weight
+    rows wrap modulo N (the store is masked). A group of GEMMs runs as one launch: each program reads the member
+    its rows belong to.
 
     Every product is exact in fp32, subnormal ones included: a weight value has 2 significant bits and its
     lowest is at least 2**-7, a bf16/fp16 activation value has at most 8 (11) and its lowest is at least
     2**-133, so each product fits 10 (13) bits no finer than 2**-140, within fp32's 2**-149.
     """
+    tl.static_assert(ROWS <= 4)
     G: tl.constexpr = BLOCK_K // 16
     member, w_ptr, w_scale_ptr, N, offs_n, rows_n = _gemv_rows(ends, w_ptrs, w_scale_ptrs, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    p, s, a = _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc1, acc2, acc3 = acc0, acc0, acc0
+    p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+    a0, a1, a2, a3 = _gemv_activation(a_ptr, 0, K_WORDS, ROWS, BLOCK_K)
     for step in range(0, tl.cdiv(K_WORDS * 8, BLOCK_K)):
-        p_step, s_step, a_step = p, s, a
-        p, s, a = _gemv_loads(a_ptr, w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
-        acc = _gemv_step(acc, p_step, s_step, a_step, PTX)
+        p_step, s_step, a0_step, a1_step, a2_step, a3_step = p, s, a0, a1, a2, a3
+        p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
+        a0, a1, a2, a3 = _gemv_activation(a_ptr, step + 1, K_WORDS, ROWS, BLOCK_K)
+        w = _e2m1_word_to_f32(p_step, PTX)
+        scale = _e4m3_to_f16(s_step, PTX).to(tl.float32)
+        acc0 = _gemv_row(acc0, w, scale, a0_step)
+        if ROWS > 1:
+            acc1 = _gemv_row(acc1, w, scale, a1_step)
+        if ROWS > 2:
+            acc2 = _gemv_row(acc2, w, scale, a2_step)
+        if ROWS > 3:
+            acc3 = _gemv_row(acc3, w, scale, a3_step)
     alpha = tl.load(_pick(member, w_pts_ptrs)) * _UNPACK_SHIFT
-    _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N)
+    _gemv_stores(acc0, acc1, acc2, acc3, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, ROWS)
+
+
+@triton.jit
+def _gemv_stores(acc0, acc1, acc2, acc3, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, ROWS: tl.constexpr):
+    """The GEMVs' output rows from their accumulators (``_gemv_store``), the first ROWS of four."""
+    _gemv_store(acc0, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, 0)
+    if ROWS > 1:
+        _gemv_store(acc1, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, 1)
+    if ROWS > 2:
+        _gemv_store(acc2, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, 2)
+    if ROWS > 3:
+        _gemv_store(acc3, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, 3)
 
 
 # The NVFP4 x NVFP4 GEMV multiplies integers: twice an e2m1 value is an integer of -12..12, so a 16-element block's
 # sum of products is 1/4 of an exact int32 dot product of those integers, four products per dp4a instruction.
-# $1 a weight word, $2..$5 activation words, $6 the table's low half, $7 the sum to add to (see _word_dot). The
-# table {$6, 0x0C080604} holds |2 * e2m1| of magnitude codes 0..7, one byte each: 0, 1, 2, 3, 4, 6, 8, 12.
+# _WORD_LOOKUP_PTX: $4 a weight word, $5 the table's low half; out $0..$3 (see _word_lookup). The table
+# {$5, 0x0C080604} holds |2 * e2m1| of magnitude codes 0..7, one byte each: 0, 1, 2, 3, 4, 6, 8, 12.
+_WORD_LOOKUP_PTX = tl.constexpr("""{
+.reg .b32 h, n, nh;
+shr.b32 h, $4, 16; xor.b32 n, $4, 0x88888888; shr.b32 nh, n, 16;
+prmt.b32 $0, $5, 0x0C080604, $4; prmt.b32 $1, $5, 0x0C080604, h;
+prmt.b32 $2, $5, 0x0C080604, n; prmt.b32 $3, $5, 0x0C080604, nh;
+}""")
+# _WORD_DOT_PTX: $1..$4 a word's lookups, $5..$8 the activation's words, $9 the sum to add to (see _word_dot).
 _WORD_DOT_PTX = tl.constexpr("""{
-.reg .b32 h, n, nh, p, t;
-shr.b32 h, $1, 16; xor.b32 n, $1, 0x88888888; shr.b32 nh, n, 16;
-prmt.b32 p, $6, 0x0C080604, $1; dp4a.s32.s32 t, p, $2, $7;
-prmt.b32 p, $6, 0x0C080604, h; dp4a.s32.s32 t, p, $3, t;
-prmt.b32 p, $6, 0x0C080604, n; dp4a.s32.s32 t, p, $4, t;
-prmt.b32 p, $6, 0x0C080604, nh; dp4a.s32.s32 $0, p, $5, t;
+.reg .b32 t;
+dp4a.s32.s32 t, $1, $5, $9; dp4a.s32.s32 t, $2, $6, t;
+dp4a.s32.s32 t, $3, $7, t; dp4a.s32.s32 $0, $4, $8, t;
 }""")
 
 
@@ -476,26 +524,54 @@ def _doubled_e2m1(code):
 
 
 @triton.jit
-def _word_dot(word, a_lo, a_hi, na_lo, na_hi, table, acc, PTX: tl.constexpr):
-    """``acc`` plus the dot product of one weight word (8 e2m1 nibbles, element j in bits 4j..4j+3) with 8
-    activation integers, all as twice their e2m1 values: ``a_lo`` holds elements 0-3 as signed bytes, ``a_hi``
-    elements 4-7, ``na_lo`` and ``na_hi`` the same negated. ``table`` is 0x03020100 (the PTX's lookup table, low
-    half). Any shape, int32.
+def _magnitude_bytes(code, first: tl.constexpr, negative: tl.constexpr):
+    """Elements ``first``..``first+3`` of the weight words ``code`` as four bytes: |2 * e2m1| where the element's
+    sign is ``negative``, else 0 (what ``_WORD_LOOKUP_PTX`` gives without PTX)."""
+    quad = tl.zeros_like(code)
+    for i in tl.static_range(4):
+        c = (code >> (4 * (first + i))) & 15
+        quad |= tl.where((c >> 3) == negative, _doubled_e2m1(c & 7), 0) << (8 * i)
+    return quad
+
+
+@triton.jit
+def _word_lookup(word, table, PTX: tl.constexpr):
+    """A weight word (8 e2m1 nibbles, element j in bits 4j..4j+3) as ``_word_dot``'s four operands: the magnitudes
+    |2 * e2m1| of its positive elements 0-3 and 4-7 as bytes (0 for the negative ones), then those of its negative
+    elements. ``table`` is 0x03020100 (the PTX's lookup table, low half). Any shape, int32.
 
     ``prmt`` is a byte table lookup: its selector nibbles are the weight's nibbles, the low 3 bits pick a byte of
     the table |2 * e2m1| and the fourth, the e2m1 sign, makes ``prmt`` copy that byte's sign bit instead, which is
-    0. So one lookup gives the positive elements' magnitudes (0 for the negative ones) and a lookup of the word with
-    its signs flipped gives the negative ones' magnitudes; those multiply the negated activation. Seven integer
-    instructions and four dp4a for 8 products, where the fp32 GEMV spends 27."""
+    0. A lookup of the word with its signs flipped gives the negative elements. Seven integer instructions a word,
+    shared by every activation row it multiplies."""
     if PTX:
-        total = tl.inline_asm_elementwise(_WORD_DOT_PTX, "=r,r,r,r,r,r,r,r", [word, a_lo, a_hi, na_lo, na_hi, table,
-                                          acc], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        code = word.to(tl.int32, bitcast=True)
-        total = acc
-        for j in tl.static_range(8):
-            a_word = a_lo if j < 4 else a_hi
-            total += _doubled_e2m1((code >> (4 * j)) & 15) * ((a_word << (24 - 8 * (j % 4))) >> 24)
+        return tl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=r,=r,=r,=r,r,r", [word, table],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    code = word.to(tl.int32, bitcast=True)
+    return (_magnitude_bytes(code, 0, 0), _magnitude_bytes(code, 4, 0), _magnitude_bytes(code, 0, 1),
+            _magnitude_bytes(code, 4, 1))
+
+
+@triton.jit
+def _word_dot(lookups, a_lo, a_hi, na_lo, na_hi, acc, PTX: tl.constexpr):
+    """``acc`` plus the dot product of one weight word, as its ``_word_lookup`` ``lookups``, with 8 activation
+    integers, all as twice their e2m1 values: ``a_lo`` holds elements 0-3 as signed bytes, ``a_hi`` elements 4-7,
+    ``na_lo`` and ``na_hi`` the same negated (they multiply the negative elements' magnitudes). Four dp4a for 8
+    products, where the fp32 GEMV spends 27 instructions. Shapes broadcast, int32."""
+    w_lo, w_hi, nw_lo, nw_hi = lookups
+    if PTX:
+        return tl.inline_asm_elementwise(_WORD_DOT_PTX, "=r,r,r,r,r,r,r,r,r,r",
+                                         [w_lo, w_hi, nw_lo, nw_hi, a_lo, a_hi, na_lo, na_hi, acc], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return acc + _byte_dot(w_lo, a_lo) + _byte_dot(w_hi, a_hi) + _byte_dot(nw_lo, na_lo) + _byte_dot(nw_hi, na_hi)
+
+
+@triton.jit
+def _byte_dot(w, x):
+    """dp4a without PTX: the four unsigned bytes of ``w`` times the four signed bytes of ``x``, summed."""
+    total = ((w & 255) * ((x << 24) >> 24))
+    for i in tl.static_range(1, 4):
+        total += ((w >> (8 * i)) & 255) * ((x << (24 - 8 * i)) >> 24)
     return total
 
 
@@ -513,32 +589,34 @@ def _split8(t):
 
 
 @triton.jit
-def _int8_operand_kernel(x_ptr, x_scale_ptr, pts_ptr, words_ptr, factors_ptr, pts_out_ptr, K,
+def _int8_operand_kernel(x_ptr, x_scale_ptr, pts_ptr, words_ptr, factors_ptr, pts_out_ptr, NUMEL,
                          FROM_PACKED: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
                          ROW_BLOCK: tl.constexpr):
-    """One NVFP4 activation row as ``_gemv_w4a4_kernel`` reads it, BLOCK_K elements per program: per 16-element
-    block, 8 int32 words ``[lo, hi, -lo, -hi]`` of its first 8 elements then of its last 8 (``_word_dot``'s
-    operands: twice the e2m1 values as signed bytes), and the block factor ``S_b / 4`` as fp32.
+    """An NVFP4 activation as ``_gemv_w4a4_kernel`` reads it, BLOCK_K elements per program: per 16-element block,
+    8 int32 words ``[lo, hi, -lo, -hi]`` of its first 8 elements then of its last 8 (``_word_dot``'s operands:
+    twice the e2m1 values as signed bytes), and the block factor ``S_b / 4`` as fp32. The activation's rows are
+    contiguous and taken as one row of NUMEL elements: no block straddles two rows, and the amax of that row is the
+    tensor's.
 
-    ``FROM_PACKED``: ``x`` is the packed row with its e4m3 scale bits. Otherwise ``x`` is high precision and is
-    quantized here as ``triton_quantize`` quantizes, with the per-tensor scale ``pts_ptr`` or, when that is None,
-    the row's own (every program computes it; program 0 stores it to ``pts_out_ptr`` for the GEMV's alpha)."""
+    ``FROM_PACKED``: ``x`` is packed with its e4m3 scale bits. Otherwise ``x`` is high precision and is quantized
+    here as ``triton_quantize`` quantizes, with the per-tensor scale ``pts_ptr`` or, when that is None, its own
+    (every program computes it; program 0 stores it to ``pts_out_ptr`` for the GEMV's alpha)."""
     G: tl.constexpr = BLOCK_K // 16
     if PDL:  # launched as a programmatic dependent: wait for the kernel before, then let the GEMV launch
         gdc_wait()
         gdc_launch_dependents()
     groups = tl.program_id(0) * G + tl.arange(0, G)
-    g_mask = groups < K // 16
+    g_mask = groups < NUMEL // 16
     if FROM_PACKED:
         half = tl.program_id(0) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        pair = tl.load(x_ptr + half, mask=half < K // 2, other=0).to(tl.int32)
+        pair = tl.load(x_ptr + half, mask=half < NUMEL // 2, other=0).to(tl.int32)
         codes = tl.reshape(tl.join(pair & 15, pair >> 4), (G, 16))
         s = _e4m3_to_f16(tl.load(x_scale_ptr + groups, mask=g_mask, other=0), PTX).to(tl.float32)
     else:
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        xb = tl.reshape(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), (G, 16))
+        xb = tl.reshape(tl.load(x_ptr + cols, mask=cols < NUMEL, other=0.0).to(tl.float32), (G, 16))
         if pts_ptr is None:
-            pts = triton_quantize.row_global_scale(x_ptr, K, ROW_BLOCK)
+            pts = triton_quantize.row_global_scale(x_ptr, NUMEL, ROW_BLOCK)
             if tl.program_id(0) == 0:
                 tl.store(pts_out_ptr, pts)
         else:
@@ -557,19 +635,46 @@ def _int8_operand_kernel(x_ptr, x_scale_ptr, pts_ptr, words_ptr, factors_ptr, pt
 
 
 @triton.jit
-def _w4a4_activation_loads(a_ptr, a_factor_ptr, step, K_WORDS, BLOCK_K: tl.constexpr):
-    """The activation tiles of K step ``step``: operand words [G, 8] and block factors [G]. Masked past K."""
+def _w4a4_row(a_ptr, a_factor_ptr, row, step, K_WORDS, BLOCK_K: tl.constexpr):
+    """Activation row ``row``'s tiles of K step ``step``: operand words [G, 8] and block factors [G] (row r's
+    blocks follow row r-1's). Masked past K."""
     G: tl.constexpr = BLOCK_K // 16
     offs_g = step * G + tl.arange(0, G)
     g_mask = offs_g < K_WORDS // 2
-    a = tl.load(a_ptr + offs_g[:, None] * 8 + tl.arange(0, 8)[None, :], mask=g_mask[:, None], other=0)
-    f = tl.load(a_factor_ptr + offs_g, mask=g_mask, other=0.0)
+    blocks = row * (K_WORDS // 2) + offs_g
+    a = tl.load(a_ptr + blocks[:, None] * 8 + tl.arange(0, 8)[None, :], mask=g_mask[:, None], other=0)
+    f = tl.load(a_factor_ptr + blocks, mask=g_mask, other=0.0)
     return a, f
 
 
 @triton.jit
+def _w4a4_activation(a_ptr, a_factor_ptr, step, K_WORDS, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_w4a4_row`` of each row, up to four (the slots past ROWS repeat row 0 and go unused)."""
+    a0, f0 = _w4a4_row(a_ptr, a_factor_ptr, 0, step, K_WORDS, BLOCK_K)
+    a1, f1, a2, f2, a3, f3 = a0, f0, a0, f0, a0, f0
+    if ROWS > 1:
+        a1, f1 = _w4a4_row(a_ptr, a_factor_ptr, 1, step, K_WORDS, BLOCK_K)
+    if ROWS > 2:
+        a2, f2 = _w4a4_row(a_ptr, a_factor_ptr, 2, step, K_WORDS, BLOCK_K)
+    if ROWS > 3:
+        a3, f3 = _w4a4_row(a_ptr, a_factor_ptr, 3, step, K_WORDS, BLOCK_K)
+    return a0, f0, a1, f1, a2, f2, a3, f3
+
+
+@triton.jit
+def _w4a4_block_sums(acc, l0, l1, scale, a, f, zero, PTX: tl.constexpr):
+    """``acc`` [BLOCK_N, G] plus one K step of one row of ``_gemv_w4a4_kernel``: the lookups ``l0``, ``l1`` of each
+    block's two weight words times the row's operand words ``a`` [G, 8], an exact int32 per block, then times the
+    block scales ``scale`` [BLOCK_N, G] and the row's block factors ``f`` [G]. ``zero``: int32 zeros [BLOCK_N, G]."""
+    lo0, hi0, nlo0, nhi0, lo1, hi1, nlo1, nhi1 = _split8(a)
+    block = _word_dot(l0, lo0[None, :], hi0[None, :], nlo0[None, :], nhi0[None, :], zero, PTX)
+    block = _word_dot(l1, lo1[None, :], hi1[None, :], nlo1[None, :], nhi1[None, :], block, PTX)
+    return acc + block.to(tl.float32) * f[None, :] * scale
+
+
+@triton.jit
 def _gemv_w4a4_kernel(
-    # pointers (a_ptr, a_factor_ptr: the activation row from _int8_operand_kernel; w_ptrs to out_ptrs: one per
+    # pointers (a_ptr, a_factor_ptr: the activation rows from _int8_operand_kernel; w_ptrs to out_ptrs: one per
     # member of the group, see _member)
     a_ptr, a_factor_ptr, a_pts_ptr, w_ptrs, w_scale_ptrs, w_pts_ptrs, bias_ptrs, out_ptrs,
     # dims (K in 32-bit words of the packed weight, as for _gemv_kernel)
@@ -577,18 +682,21 @@ def _gemv_w4a4_kernel(
     # strides (of packed weight rows and of scale rows, in bytes)
     stride_wn, stride_wsn,
     # meta-parameters
-    PTX: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PTX: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """M == 1, NVFP4 activation: BLOCK_N output elements per program, in integer arithmetic.
+    """ROWS (1 to 4) activation rows, NVFP4: BLOCK_N output columns of every row per program, in integer arithmetic.
 
-    Each 16-element block of a weight row is one exact int32 dot product with the activation's block
-    (``_word_dot``, twice the e2m1 values on both sides), converted to fp32 and multiplied by the two block scales
-    (the activation's divided by 4): at most 12 + 4 + 4 significant bits, exact in fp32, then accumulated in fp32
-    as every kernel here does. The loads are ``_gemv_kernel``'s: K in words, the next step's tiles loaded before
-    this step's arithmetic."""
+    Each 16-element block of a weight row is one exact int32 dot product with the activation's block (each weight
+    word's ``_word_lookup`` once for all rows, then ``_word_dot`` per row; twice the e2m1 values on both sides),
+    converted to fp32 and multiplied by the two block scales (the activation's divided by 4): at most 12 + 4 + 4
+    significant bits, exact in fp32, then accumulated in fp32 as every kernel here does. The loads and the rows'
+    separate accumulators are ``_gemv_kernel``'s: K in words, the next step's tiles loaded before this step's
+    arithmetic."""
+    tl.static_assert(ROWS <= 4)
     G: tl.constexpr = BLOCK_K // 16
     member, w_ptr, w_scale_ptr, N, offs_n, rows_n = _gemv_rows(ends, w_ptrs, w_scale_ptrs, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    acc1, acc2, acc3 = acc0, acc0, acc0
     # The table's low half 0x03020100 for the prmt, as a value of each thread's own (rows_n's top bit is 0):
     # as a constant, ptxas keeps it in a uniform register and copies it out before every prmt.
     table = ((rows_n.to(tl.uint32, bitcast=True) >> 31) | 0x03020100).to(tl.int32)[:, None]
@@ -596,20 +704,26 @@ def _gemv_w4a4_kernel(
     p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, 0, K_WORDS, stride_wn, stride_wsn, BLOCK_K)
     if PDL:  # the weight is in flight while the operand kernel before finishes
         gdc_wait()
-    a, f = _w4a4_activation_loads(a_ptr, a_factor_ptr, 0, K_WORDS, BLOCK_K)
+    a0, f0, a1, f1, a2, f2, a3, f3 = _w4a4_activation(a_ptr, a_factor_ptr, 0, K_WORDS, ROWS, BLOCK_K)
     for step in range(0, tl.cdiv(K_WORDS * 8, BLOCK_K)):
-        p_step, s_step, a_step, f_step = p, s, a, f
+        p_step, s_step = p, s
+        a0_step, f0_step, a1_step, f1_step, a2_step, f2_step, a3_step, f3_step = a0, f0, a1, f1, a2, f2, a3, f3
         p, s = _gemv_weight_tiles(w_ptr, w_scale_ptr, rows_n, step + 1, K_WORDS, stride_wn, stride_wsn,
                                   BLOCK_K)
-        a, f = _w4a4_activation_loads(a_ptr, a_factor_ptr, step + 1, K_WORDS, BLOCK_K)
+        a0, f0, a1, f1, a2, f2, a3, f3 = _w4a4_activation(a_ptr, a_factor_ptr, step + 1, K_WORDS, ROWS, BLOCK_K)
         w0, w1 = tl.split(tl.reshape(p_step, (BLOCK_N, G, 2)))
-        lo0, hi0, nlo0, nhi0, lo1, hi1, nlo1, nhi1 = _split8(a_step)
-        block = _word_dot(w0, lo0[None, :], hi0[None, :], nlo0[None, :], nhi0[None, :], table, zero, PTX)
-        block = _word_dot(w1, lo1[None, :], hi1[None, :], nlo1[None, :], nhi1[None, :], table, block, PTX)
-        acc += block.to(tl.float32) * f_step[None, :] * _e4m3_to_f16(s_step, PTX).to(tl.float32)
+        l0, l1 = _word_lookup(w0, table, PTX), _word_lookup(w1, table, PTX)
+        scale = _e4m3_to_f16(s_step, PTX).to(tl.float32)
+        acc0 = _w4a4_block_sums(acc0, l0, l1, scale, a0_step, f0_step, zero, PTX)
+        if ROWS > 1:
+            acc1 = _w4a4_block_sums(acc1, l0, l1, scale, a1_step, f1_step, zero, PTX)
+        if ROWS > 2:
+            acc2 = _w4a4_block_sums(acc2, l0, l1, scale, a2_step, f2_step, zero, PTX)
+        if ROWS > 3:
+            acc3 = _w4a4_block_sums(acc3, l0, l1, scale, a3_step, f3_step, zero, PTX)
 
     alpha = tl.load(_pick(member, w_pts_ptrs)) * tl.load(a_pts_ptr)
-    _gemv_store(acc, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N)
+    _gemv_stores(acc0, acc1, acc2, acc3, alpha, member, bias_ptrs, out_ptrs, offs_n, rows_n, N, ROWS)
 
 
 @triton.jit
@@ -764,21 +878,26 @@ def _columns(weights):
 
 
 def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize=False):
-    """M == 1 into ``outs`` (one [1, N_i] per weight); ``weights`` and ``biases`` as for :func:`launch_mma`.
+    """Up to ``GEMV_MAX_ROWS`` rows into ``outs`` (one contiguous [M, N_i] per weight); ``weights`` and ``biases``
+    as for :func:`launch_mma`.
 
-    A bf16/fp16 activation ``a`` [1, K] runs ``_gemv_kernel``. An NVFP4 one runs ``_int8_operand_kernel``, which
-    turns the row into the integers ``_gemv_w4a4_kernel`` multiplies, then that kernel, as a programmatic
+    A bf16/fp16 activation ``a`` [M, K] runs ``_gemv_kernel``. An NVFP4 one runs ``_int8_operand_kernel``, which
+    turns the rows into the integers ``_gemv_w4a4_kernel`` multiplies, then that kernel, as a programmatic
     dependent launch on sm_90+ (it starts loading its weight while the first kernel runs). NVFP4 is either ``a``
-    packed [1, K/2] with its scale bits ``a_scales`` and per-tensor scale ``a_pts``, or, with ``quantize``, ``a``
+    packed [M, K/2] with its scale bits ``a_scales`` and per-tensor scale ``a_pts``, or, with ``quantize``, ``a``
     in high precision, quantized with the static per-tensor scale ``a_pts`` or its own when that is None.
     ``config``: (BLOCK_N, BLOCK_K, num_warps) of the GEMV kernel.
     """
-    k = weights[0][0].shape[1] * 2
+    m, k = a.shape[0], weights[0][0].shape[1] * 2
+    if not 1 <= m <= GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV takes 1 to {GEMV_MAX_ROWS} rows, got {m}")
     w_packed, w_scales, w_pts = _columns(weights)
     if any(p.stride(1) != 1 or p.data_ptr() % 4 or p.stride(0) % 4 for p in w_packed):
         raise ValueError("the GEMV reads packed weight rows as 32-bit words: they must be contiguous and aligned")
+    if any(not out.is_contiguous() for out in outs):
+        raise ValueError("the GEMV writes contiguous output rows")
     w4a4 = quantize or a_scales is not None
-    if a.stride(1) != 1 or a.data_ptr() % 16:  # the activation row is read in 16-byte vectors
+    if not a.is_contiguous() or a.data_ptr() % 16:  # the activation is read in 16-byte vectors, its rows K apart
         a = torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a)
     ptx, pdl = _ptx(a.device), _pdl(a.device)
     biases = None if biases is None else tuple(biases)
@@ -788,12 +907,12 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize
             a_scales = a_scales.contiguous()
         if a_pts is not None:
             a_pts = a_pts.float().reshape(())
-        words = torch.empty((k // 16, 8), dtype=torch.int32, device=a.device)
-        factors = torch.empty((k // 16,), dtype=torch.float32, device=a.device)
+        words = torch.empty((m * k // 16, 8), dtype=torch.int32, device=a.device)
+        factors = torch.empty((m * k // 16,), dtype=torch.float32, device=a.device)
         own_pts = torch.empty((), dtype=torch.float32, device=a.device) if a_pts is None else None
-        _int8_operand_kernel[(triton.cdiv(k, _OPERAND_BLOCK_K),)](
-            a, a_scales, a_pts, words, factors, own_pts, k, FROM_PACKED=a_scales is not None, PTX=ptx, PDL=pdl,
-            BLOCK_K=_OPERAND_BLOCK_K, ROW_BLOCK=min(triton.next_power_of_2(k), _OPERAND_ROW_BLOCK),
+        _int8_operand_kernel[(triton.cdiv(m * k, _OPERAND_BLOCK_K),)](
+            a, a_scales, a_pts, words, factors, own_pts, m * k, FROM_PACKED=a_scales is not None, PTX=ptx, PDL=pdl,
+            BLOCK_K=_OPERAND_BLOCK_K, ROW_BLOCK=min(triton.next_power_of_2(m * k), _OPERAND_ROW_BLOCK),
             num_warps=_OPERAND_WARPS, launch_pdl=pdl)
         a_pts = a_pts if own_pts is None else own_pts
         kernel, configs, activation = _gemv_w4a4_kernel, _GEMV_W4A4_CONFIGS, (words, factors, a_pts)
@@ -806,13 +925,13 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize
         kernel[(triton.cdiv(ends[-1], block_n),)](
             *activation, w_packed, w_scales, w_pts, biases, tuple(outs), ends, k // 8,
             w_packed[0].stride(0), w_scales[0].stride(0),
-            PTX=ptx, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **launch_options)
+            PTX=ptx, ROWS=m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **launch_options)
 
     if config is None:
         if knobs.runtime.interpret:
             config = _INTERPRET_GEMV
         else:
-            key = ("gemv", w4a4, a.dtype, outs[0].dtype, biases is not None, ends, k)
+            key = ("gemv", w4a4, m, a.dtype, outs[0].dtype, biases is not None, ends, k)
             config = _choose(key, configs, run)
     run(config)
     return outs
@@ -937,7 +1056,7 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False
             _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]], quantize)
         return list(outs)
     k = weights[0][0].shape[1] * 2
-    if m <= GEMV_MAX_ROWS:
+    if m <= (GEMV_MAX_ROWS if quantize or a_scales is not None else GEMV_A16_MAX_ROWS):
         return list(launch_gemv(a, a_scales, a_pts, weights, biases, outs, quantize=quantize))
     if fused_problem(a.device, m, k) is None:
         from . import gluon_gemm
@@ -963,8 +1082,8 @@ def gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs=None)
 
 def quantize_gemm_group(x, act_pts, weights, biases, outs=None):
     """``quantize(x) @ dequant(w).T + bias`` for high-precision ``x [M, K]`` and each of ``weights``: x quantized
-    with the static per-tensor scale ``act_pts``, or its own when it is None; at one row into the integer GEMV's
-    operands (``launch_gemv``), with more by ``triton_quantize.quantize_values`` first. Returns ``[M, N_i]`` of x's
+    with the static per-tensor scale ``act_pts``, or its own when it is None; up to ``GEMV_MAX_ROWS`` rows into the
+    integer GEMV's operands (``launch_gemv``), with more by ``triton_quantize.quantize_values`` first. Returns ``[M, N_i]`` of x's
     dtype."""
     return _launch(x, None, act_pts, weights, biases, x.dtype, outs, quantize=True)
 
