@@ -22,7 +22,8 @@ activation shape.
 ``gemm`` and ``gemm_a16`` decompose by ``_gemm_plan``. On CPU: the kernel op (the reference), ``gemm``'s activation
 quantized first (``quantize_act``'s decomposition). On CUDA up to 128 rows: the kernel ops, ``gemm``'s being
 ``quantize_gemm_kernel``, which takes the high-precision activation (up to ``kernels.GEMV_MAX_ROWS`` rows: a Triton
-kernel quantizes them to the integers the integer GEMV multiplies; more rows go through the Triton kernel ``quantize_values`` inside the op). On
+kernel quantizes them to the integers the integer GEMV multiplies; more rows go through the Triton kernel
+``quantize_values`` inside the op). On
 CUDA with more rows: an exact dequantize (for ``gemm`` the activation by ``format.quantize_values``, Inductor's
 code) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the global scales and the bias itself;
 otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates each dequantize once per shape,
@@ -255,8 +256,8 @@ def _gemm_plan(x: torch.Tensor, quantizes: bool = False) -> str:
       Triton one);
     - "quantizing kernel": ``quantizes`` on CUDA, up to ``kernels.DIRECT_MAX_ROWS`` rows: the kernel op that takes
       the high-precision activation (``quantize_gemm_kernel``). Up to ``kernels.GEMV_MAX_ROWS`` rows: a Triton
-      kernel quantizes them, their dynamic per-tensor scale included, straight to the integers of the integer GEMV, which starts loading its weight
-      while that kernel runs (a programmatic dependent launch on Hopper). More rows:
+      kernel quantizes them, their dynamic per-tensor scale included, straight to the integers of the integer GEMV,
+      which starts loading its weight while that kernel runs (a programmatic dependent launch on Hopper). More rows:
       the dynamic scale is Inductor's (fused with the activation's producer) and the op runs the Triton
       ``quantize_values`` and the kernel, two launches where a packed activation took three (quantize, dequantize,
       GEMM);

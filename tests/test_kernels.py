@@ -184,10 +184,10 @@ def test_gemv_subnormal_activations(dtype):
 
 def quantizing_gemm(x, weights, biases, act_pts=None):
     """``x [M, K]`` through ``quantize_gemm_group`` (up to ``GEMV_MAX_ROWS`` rows: the integer GEMV after its
-    operand kernel quantizes them; more: the values kernel, then the tensor-core kernel), checked for NaN against the reference and,
-    where the reference is finite, bit for bit against the packed path (the Triton activation quantize, then the
-    GEMM of the packed activation) and against fp64 products of the reference's dequantized operands. Returns the
-    outputs."""
+    operand kernel quantizes them; more: the values kernel, then the tensor-core kernel), checked for NaN against
+    the reference and, where the reference is finite, bit for bit against the packed path (the Triton activation
+    quantize, then the GEMM of the packed activation) and against fp64 products of the reference's dequantized
+    operands. Returns the outputs."""
     pts = nvfp4.global_scale_of(x.cpu()) if act_pts is None else act_pts
     outs = triton_gemm.quantize_gemm_group(x, None if act_pts is None else act_pts.to(DEVICE), weights, biases)
     packed, scales = kernels.triton_quantize.quantize_blocks(x, pts.to(DEVICE))

@@ -9,9 +9,9 @@ quantizes its activation), both under torch.compile as the backend runs them, th
 ratios to bf16 and the floors (bytes over the measured copy bandwidth, FLOPs over the measured bf16 rate), timed
 with Python's garbage collector off (as ``timeit`` does) and cuBLAS's reduced-precision reductions off for fp4. At
 decode sizes up to M=128 it also times CUDA-graph replays over enough weight copies to miss L2. Each fp4 result is
-checked against an fp32 product of the dequantized operands. ``--gemv-rows R`` lets the GEMVs take at most R rows of either
-activation (``kernels.GEMV_MAX_ROWS``, ``GEMV_A16_MAX_ROWS``; above, the tensor-core kernels), to compare the two
-paths at a few rows. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
+checked against an fp32 product of the dequantized operands. ``--gemv-rows R`` lets the GEMVs take at most R rows
+of either activation (``kernels.GEMV_MAX_ROWS``, ``GEMV_A16_MAX_ROWS``; above, the tensor-core kernels), to compare
+the two paths at a few rows. JSON goes to --out (default $OUT/bench_gemm.json when OUT is
 set); a short table is printed last.
 """
 

@@ -1083,8 +1083,8 @@ def gemm_group(a_packed, a_scales, a_pts, weights, biases, out_dtype, outs=None)
 def quantize_gemm_group(x, act_pts, weights, biases, outs=None):
     """``quantize(x) @ dequant(w).T + bias`` for high-precision ``x [M, K]`` and each of ``weights``: x quantized
     with the static per-tensor scale ``act_pts``, or its own when it is None; up to ``GEMV_MAX_ROWS`` rows into the
-    integer GEMV's operands (``launch_gemv``), with more by ``triton_quantize.quantize_values`` first. Returns ``[M, N_i]`` of x's
-    dtype."""
+    integer GEMV's operands (``launch_gemv``), with more by ``triton_quantize.quantize_values`` first. Returns
+    ``[M, N_i]`` of x's dtype."""
     return _launch(x, None, act_pts, weights, biases, x.dtype, outs, quantize=True)
 
 
