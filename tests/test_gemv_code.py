@@ -17,11 +17,13 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 
 @pytest.mark.skipif(not os.access(CUOBJDUMP, os.X_OK), reason="Triton's bundled CUDA tools (ptxas, cuobjdump) absent")
+@pytest.mark.parametrize("rows", (1, 2))
 @pytest.mark.parametrize("activation", ("bf16", "nvfp4"))
-def test_gemv_loads_weight_words_16_bytes_at_a_time(activation):
+def test_gemv_loads_weight_words_16_bytes_at_a_time(activation, rows):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "sass_gemv.py"), "--config", "16,1024,4",
-                          "--activation", activation], capture_output=True, text=True, env=env, timeout=300)
+                          "--activation", activation, "--rows", str(rows)], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     loads = dict(re.findall(r"(LDG[\w.]*) (\d+)", run.stdout.split("loads: ")[1].splitlines()[0]))
     # 16 x 1024 elements over 128 threads: 16 weight words a thread and step, four 16-byte loads

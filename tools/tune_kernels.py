@@ -4,7 +4,8 @@
 
 For each weight shape (N, K) and batch M it times cuBLAS bf16 ``F.linear``, the dequantize + cuBLAS path
 (``triton_gemm.launch_cublas``, what compiled graphs run above ``DIRECT_MAX_ROWS`` rows) and every candidate
-configuration of the kernels for that M (``_gemv_kernel`` for M = 1; ``_mma_kernel`` up to ``DIRECT_MAX_ROWS``;
+configuration of the kernels for that M (``_gemv_kernel`` up to ``GEMV_MAX_ROWS``, whatever the backend's own limit
+for bf16 activations, ``GEMV_A16_MAX_ROWS``; ``_mma_kernel`` from 2 rows up to ``DIRECT_MAX_ROWS``;
 on Hopper also the fused Gluon kernel, from one row up to ``FUSED_MAX_ROWS``: ``FUSED_CANDIDATES`` up to
 ``DIRECT_MAX_ROWS``, a wider list than ``gluon_gemm.configs_for``), all nvfp4a16 with bf16 activations. It prints the
 fastest configurations per point and, last, a table of the best of each path, which is what the row limits and the
@@ -77,9 +78,9 @@ def main() -> None:
             row["cublas_path_us"] = graph_us([lambda w=w: triton_gemm.launch_cublas(x, None, None, [w], None, [out])
                                               for w in fp4_copies])
             paths = []  # (name, configs, launch)
-            if m == 1:
-                paths.append(("kernel", GEMV_CANDIDATES, triton_gemm.launch_gemv))
-            elif m <= kernels.DIRECT_MAX_ROWS:
+            if m <= kernels.GEMV_MAX_ROWS:
+                paths.append(("gemv", GEMV_CANDIDATES, triton_gemm.launch_gemv))
+            if 1 < m <= kernels.DIRECT_MAX_ROWS:
                 block_m = max(16, triton_gemm.triton.next_power_of_2(m))
                 paths.append(("kernel", [(bn, block_m, bk, split, warps, stages, order)
                                          for bn, bk, split, warps, stages, order in MMA_CANDIDATES],
@@ -106,17 +107,17 @@ def main() -> None:
             rows.append(row)
             write_rows(args.out, rows)
     print(f"\n{torch.cuda.get_device_name()} (us, CUDA-graph replay; x = bf16 / path)")
-    print(f"{'N':>6} {'K':>6} {'M':>4} | {'bf16':>6} {'deq+cuBLAS':>10} {'x':>5} | {'kernel':>6} {'x':>5} | "
-          f"{'fused':>6} {'x':>5}")
+    print(f"{'N':>6} {'K':>6} {'M':>4} | {'bf16':>6} {'deq+cuBLAS':>10} {'x':>5} | {'gemv':>6} {'x':>5} | "
+          f"{'kernel':>6} {'x':>5} | {'fused':>6} {'x':>5}")
     for r in rows:
         cells = [f"{r[name + '_us']:6.1f} {r['bf16_us'] / r[name + '_us']:5.2f}" if name + "_us" in r else
-                 f"{'-':>6} {'-':>5}" for name in ("kernel", "fused")]
+                 f"{'-':>6} {'-':>5}" for name in ("gemv", "kernel", "fused")]
         print(f"{r['N']:>6} {r['K']:>6} {r['M']:>4} | {r['bf16_us']:6.1f} {r['cublas_path_us']:10.1f} "
-              f"{r['bf16_us'] / r['cublas_path_us']:5.2f} | {cells[0]} | {cells[1]}")
+              f"{r['bf16_us'] / r['cublas_path_us']:5.2f} | {' | '.join(cells)}")
     for m in sorted({r["M"] for r in rows}):
         sel = [r for r in rows if r["M"] == m]
         line = f"  M={m:>4}: dequantize+cuBLAS {geomean([r['bf16_us'] / r['cublas_path_us'] for r in sel]):.2f}x"
-        for name in ("kernel", "fused"):
+        for name in ("gemv", "kernel", "fused"):
             if all(name + "_us" in r for r in sel):
                 line += f", {name} {geomean([r['bf16_us'] / r[name + '_us'] for r in sel]):.2f}x"
         print(line + " of bf16 (geo-mean)")
