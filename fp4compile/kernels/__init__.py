@@ -29,7 +29,7 @@ from .. import format as nvfp4
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 4  # the GEMVs' rows (a weight word unpacked once for all), and NVFP4 activations' GEMV limit
-GEMV_A16_MAX_ROWS = 2  # bf16/fp16 activations: from 3 rows the fused kernel is faster (KERNEL_NOTES.md, version 29)
+GEMV_A16_MAX_ROWS = 2  # bf16/fp16 activations: from 3 rows the fused kernel is faster (H200; KERNEL_NOTES.md v29)
 DIRECT_MAX_ROWS = 128  # compiled GEMMs with at most this many rows call the kernels (ops._gemm_plan)
 FUSED_MAX_ROWS = 2048  # Hopper: the fused kernel's rows (its version 14 form tied dequantize + cuBLAS at 2048)
 FUSED_K_MULTIPLE = 256  # the fused kernel's K: scale rows 16-byte aligned, whole 64-element steps
