@@ -524,17 +524,6 @@ def _doubled_e2m1(code):
 
 
 @triton.jit
-def _magnitude_bytes(code, first: tl.constexpr, negative: tl.constexpr):
-    """Elements ``first``..``first+3`` of the weight words ``code`` as four bytes: |2 * e2m1| where the element's
-    sign is ``negative``, else 0 (what ``_WORD_LOOKUP_PTX`` gives without PTX)."""
-    quad = tl.zeros_like(code)
-    for i in tl.static_range(4):
-        c = (code >> (4 * (first + i))) & 15
-        quad |= tl.where((c >> 3) == negative, _doubled_e2m1(c & 7), 0) << (8 * i)
-    return quad
-
-
-@triton.jit
 def _word_lookup(word, table, PTX: tl.constexpr):
     """A weight word (8 e2m1 nibbles, element j in bits 4j..4j+3) as ``_word_dot``'s four operands: the magnitudes
     |2 * e2m1| of its positive elements 0-3 and 4-7 as bytes (0 for the negative ones), then those of its negative
@@ -543,13 +532,18 @@ def _word_lookup(word, table, PTX: tl.constexpr):
     ``prmt`` is a byte table lookup: its selector nibbles are the weight's nibbles, the low 3 bits pick a byte of
     the table |2 * e2m1| and the fourth, the e2m1 sign, makes ``prmt`` copy that byte's sign bit instead, which is
     0. A lookup of the word with its signs flipped gives the negative elements. Seven integer instructions a word,
-    shared by every activation row it multiplies."""
+    shared by every activation row it multiplies. Without PTX (the interpreter, sm_80) the first two words hold the
+    elements' signed values 2 * e2m1 instead, repeated in the last two, and ``_word_dot`` reads them so: half the
+    byte products."""
     if PTX:
         return tl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=r,=r,=r,=r,r,r", [word, table],
                                          dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     code = word.to(tl.int32, bitcast=True)
-    return (_magnitude_bytes(code, 0, 0), _magnitude_bytes(code, 4, 0), _magnitude_bytes(code, 0, 1),
-            _magnitude_bytes(code, 4, 1))
+    w_lo, w_hi = tl.zeros_like(code), tl.zeros_like(code)
+    for j in tl.static_range(4):  # elements j and j + 4
+        w_lo |= (_doubled_e2m1((code >> (4 * j)) & 15) & 255) << (8 * j)
+        w_hi |= (_doubled_e2m1((code >> (4 * j + 16)) & 15) & 255) << (8 * j)
+    return w_lo, w_hi, w_lo, w_hi
 
 
 @triton.jit
@@ -563,15 +557,15 @@ def _word_dot(lookups, a_lo, a_hi, na_lo, na_hi, acc, PTX: tl.constexpr):
         return tl.inline_asm_elementwise(_WORD_DOT_PTX, "=r,r,r,r,r,r,r,r,r,r",
                                          [w_lo, w_hi, nw_lo, nw_hi, a_lo, a_hi, na_lo, na_hi, acc], dtype=tl.int32,
                                          is_pure=True, pack=1)
-    return acc + _byte_dot(w_lo, a_lo) + _byte_dot(w_hi, a_hi) + _byte_dot(nw_lo, na_lo) + _byte_dot(nw_hi, na_hi)
+    return acc + _byte_dot(w_lo, a_lo) + _byte_dot(w_hi, a_hi)  # signed values (see _word_lookup)
 
 
 @triton.jit
 def _byte_dot(w, x):
-    """dp4a without PTX: the four unsigned bytes of ``w`` times the four signed bytes of ``x``, summed."""
-    total = ((w & 255) * ((x << 24) >> 24))
+    """dp4a without PTX: the four signed bytes of ``w`` times those of ``x``, summed."""
+    total = ((w << 24) >> 24) * ((x << 24) >> 24)
     for i in tl.static_range(1, 4):
-        total += ((w >> (8 * i)) & 255) * ((x << (24 - 8 * i)) >> 24)
+        total += ((w << (24 - 8 * i)) >> 24) * ((x << (24 - 8 * i)) >> 24)
     return total
 
 
