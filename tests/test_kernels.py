@@ -317,7 +317,8 @@ def test_word_dot_ptx_is_the_integer_dot_product():
         expected = acc + sum(doubled[(word >> (4 * j)) & 15] * a[j] for j in range(8))
         lookups = _run_ptx(triton_gemm._WORD_LOOKUP_PTX, {"$4": word, "$5": 0x03020100})
         regs = {f"${i + 1}": lookups[f"${i}"] for i in range(4)}
-        regs.update({f"${i + 5}": v for i, v in enumerate(pack + negated)}, **{"$9": acc})
+        regs.update({f"${i + 5}": v for i, v in enumerate(pack + negated)})
+        regs["$9"] = acc
         assert _run_ptx(triton_gemm._WORD_DOT_PTX, regs)["$0"] == expected, hex(word)
 
 
@@ -605,6 +606,7 @@ def test_gemv_row_limits(monkeypatch):
 
 
 def test_gemv_refuses_more_rows_than_it_takes():
+    """More rows than the GEMV kernels hold are refused with a message naming the limit."""
     w = random_nvfp4(16, 32)
     x = torch.randn(kernels.GEMV_MAX_ROWS + 1, 32, device=DEVICE).bfloat16()
     out = torch.empty(x.shape[0], 16, device=DEVICE, dtype=torch.bfloat16)
