@@ -155,8 +155,7 @@ def main() -> None:
     if args.gemv_rows is not None:
         if not 1 <= args.gemv_rows <= kernels.GEMV_MAX_ROWS:
             parser.error(f"--gemv-rows takes 1 to {kernels.GEMV_MAX_ROWS}")
-        kernels.GEMV_MAX_ROWS = triton_gemm.GEMV_MAX_ROWS = args.gemv_rows
-        kernels.GEMV_A16_MAX_ROWS = triton_gemm.GEMV_A16_MAX_ROWS = args.gemv_rows
+        kernels.GEMV_MAX_ROWS = kernels.GEMV_A16_MAX_ROWS = args.gemv_rows
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     torch._dynamo.config.cache_size_limit = 64

@@ -43,8 +43,8 @@ from triton import knobs
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .. import format as nvfp4
-from . import (DIRECT_MAX_ROWS, GEMV_A16_MAX_ROWS, GEMV_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem,
-               triton_quantize)
+from .. import kernels  # its GEMV row limits are read at each call, so that one setting of them holds everywhere
+from . import DIRECT_MAX_ROWS, GROUP_ALIGN, MAX_GROUP, fused_problem, triton_quantize
 
 _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
@@ -883,8 +883,8 @@ def launch_gemv(a, a_scales, a_pts, weights, biases, outs, config=None, quantize
     ``config``: (BLOCK_N, BLOCK_K, num_warps) of the GEMV kernel.
     """
     m, k = a.shape[0], weights[0][0].shape[1] * 2
-    if not 1 <= m <= GEMV_MAX_ROWS:
-        raise ValueError(f"the GEMV takes 1 to {GEMV_MAX_ROWS} rows, got {m}")
+    if not 1 <= m <= kernels.GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV takes 1 to {kernels.GEMV_MAX_ROWS} rows, got {m}")
     w_packed, w_scales, w_pts = _columns(weights)
     if any(p.stride(1) != 1 or p.data_ptr() % 4 or p.stride(0) % 4 for p in w_packed):
         raise ValueError("the GEMV reads packed weight rows as 32-bit words: they must be contiguous and aligned")
@@ -1042,7 +1042,8 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False
         outs = [torch.empty((m, packed.shape[0]), device=a.device, dtype=out_dtype) for packed, _, _ in weights]
     if biases is not None and all(b is None for b in biases):
         biases = None
-    if quantize and m > GEMV_MAX_ROWS:  # the GEMV quantizes to its own operands; the others take the exact values
+    # The GEMV quantizes to its own operands; the other kernels take the exact values.
+    if quantize and m > kernels.GEMV_MAX_ROWS:
         a_pts = nvfp4.global_scale_of(a) if a_pts is None else a_pts.float().reshape(())
         a, quantize = triton_quantize.quantize_values(a, a_pts, torch.float16), False  # fp16, as a dequantize gives
     if group_problem(weights, biases) is not None:  # one launch per weight
@@ -1050,7 +1051,7 @@ def _launch(a, a_scales, a_pts, weights, biases, out_dtype, outs, quantize=False
             _launch(a, a_scales, a_pts, [w], None if biases is None else [biases[i]], out_dtype, [outs[i]], quantize)
         return list(outs)
     k = weights[0][0].shape[1] * 2
-    if m <= (GEMV_MAX_ROWS if quantize or a_scales is not None else GEMV_A16_MAX_ROWS):
+    if m <= (kernels.GEMV_MAX_ROWS if quantize or a_scales is not None else kernels.GEMV_A16_MAX_ROWS):
         return list(launch_gemv(a, a_scales, a_pts, weights, biases, outs, quantize=quantize))
     if fused_problem(a.device, m, k) is None:
         from . import gluon_gemm
