@@ -23,11 +23,10 @@ activation shape.
 quantized first (``quantize_act``'s decomposition). On CUDA up to 128 rows: the kernel ops, ``gemm``'s being
 ``quantize_gemm_kernel``, which takes the high-precision activation (up to ``kernels.GEMV_MAX_ROWS`` rows: a Triton
 kernel quantizes them to the integers the integer GEMV multiplies; more rows go through the Triton kernel
-``quantize_values`` inside the op). On
-CUDA with more rows: an exact dequantize (for ``gemm`` the activation by ``format.quantize_values``, Inductor's
-code) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the global scales and the bias itself;
-otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates each dequantize once per shape,
-not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``.
+``quantize_values`` inside the op). On CUDA with more rows: an exact dequantize (for ``gemm`` the activation by
+``format.quantize_values``, Inductor's code) and cuBLAS per weight: given ``alphas``, aten ``addmm`` that applies the
+global scales and the bias itself; otherwise aten ``mm`` with an fp32 output and a fused epilogue. Inductor generates
+each dequantize once per shape, not once per layer. On CUDA the ops' eager implementations dispatch to ``kernels``.
 """
 
 import torch

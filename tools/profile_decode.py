@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fp4compile.__main__ import compile_config  # noqa: E402
 from tools.bench_e2e import CONFIGS, build  # noqa: E402
 
-# _int8_operand_kernel is nvfp4's activation quantize at one row; it counts with its GEMV, as when the GEMV did it.
+# _int8_operand_kernel is nvfp4's activation quantize at a few rows; it counts with its GEMV, as when the GEMV did it.
 GEMM_KERNELS = ("nvjet", "gemm", "xmma", "cutlass", "splitKreduce", "_gemv_kernel", "_gemv_w4a4_kernel",
                 "_int8_operand_kernel", "_mma_kernel", "_epilogue_kernel", "_dequant_kernel")
 

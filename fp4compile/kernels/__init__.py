@@ -176,9 +176,9 @@ def quantize_gemm(x, act_pts, w_packed, w_scales, w_pts, bias):
     per-tensor scale ``act_pts`` (or its own, dynamic, when None), times each weight of the lists (as for
     :func:`gemm`) -> a list of ``[..., N_i]`` of ``x.dtype``. With the Triton kernels, up to ``GEMV_MAX_ROWS`` rows
     run a kernel that quantizes them to the integer GEMV's operands, then that GEMV; more rows the quantize kernel
-    writing exact values
-    (``triton_quantize.quantize_values``) and the kernel that takes them, two. Blackwell (``torch._scaled_mm``) and
-    inputs the kernels cannot take quantize to packed NVFP4 first and then run :func:`gemm`."""
+    writing exact values (``triton_quantize.quantize_values``) and the kernel that takes them, two. Blackwell
+    (``torch._scaled_mm``) and inputs the kernels cannot take quantize to packed NVFP4 first and then run
+    :func:`gemm`."""
     nvfp4.check_quantizable(x)
     lead = x.shape[:-1]
     reason = _weights_problem(x.device, (x, act_pts), w_packed, w_scales, w_pts, bias)
