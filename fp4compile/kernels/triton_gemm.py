@@ -50,11 +50,14 @@ _DEQUANT_BLOCK = (32, 256)  # (rows, K elements) per program of _dequant_kernel
 _EPILOGUE_BLOCK = (32, 64)  # BLOCK_N <= GROUP_ALIGN
 _SUBNORMAL_SHIFT = tl.constexpr(2.0**14)  # unpacked tiles hold value * 2**-14
 
-# GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of a 36-config H200 sweep (KERNEL_NOTES.md, version 8).
-_GEMV_CONFIGS = [(16, 1024, 4), (8, 1024, 2), (8, 1024, 4), (16, 512, 4)]
-# The integer GEMV of NVFP4 activations: each config the best on one of the four benchmark shapes in an H200
-# sweep of 13 (tools/KERNEL_NOTES.md, version 28), and (32, 512, 4), close on all.
-_GEMV_W4A4_CONFIGS = [(16, 1024, 4), (16, 2048, 8), (8, 2048, 4), (64, 512, 8), (32, 512, 4)]
+# GEMV configs as (BLOCK_N, BLOCK_K, num_warps): the four best of a 36-config H200 sweep (KERNEL_NOTES.md, version 8),
+# and (32, 512, 4), the best at 2 rows on the wider shapes in a sweep of 22 at 1-4 rows (version 30).
+_GEMV_CONFIGS = [(16, 1024, 4), (8, 1024, 2), (8, 1024, 4), (16, 512, 4), (32, 512, 4)]
+# The integer GEMV of NVFP4 activations: each config the best on one of the four benchmark shapes at one row in an
+# H200 sweep of 13 (tools/KERNEL_NOTES.md, version 28), (32, 512, 4), close on all, and (16, 512, 4) and
+# (16, 1024, 8), the best at 2 rows on some shapes in a sweep of 18 at 1-4 rows (version 30).
+_GEMV_W4A4_CONFIGS = [(16, 1024, 4), (16, 2048, 8), (8, 2048, 4), (64, 512, 8), (32, 512, 4), (16, 512, 4),
+                      (16, 1024, 8)]
 _OPERAND_BLOCK_K = 1024  # activation elements per program of _int8_operand_kernel
 _OPERAND_ROW_BLOCK = 16384  # its amax pass: up to this many elements a step (64 a thread at 8 warps)
 _OPERAND_WARPS = 8
