@@ -1,5 +1,5 @@
-"""Where the time of a decode step goes: GPU kernel time per generated token, split into GEMMs and the rest, against
-the wall time of the same ``generate()`` call, per configuration.
+"""Where the time of a decode step goes: GPU kernel time per decode step, split into GEMMs and the rest, against
+the wall time of the same steps, per configuration.
 
     PYTHONPATH=. python tools/profile_decode.py [--layers 32] [--configs bf16,nvfp4a16]
     PYTHONPATH=. python tools/profile_decode.py --tiny --device cpu          # dry run (no kernels on a CPU)
@@ -7,14 +7,15 @@ the wall time of the same ``generate()`` call, per configuration.
 Runs ``generate()`` as ``tools/bench_e2e.py`` does (Llama-3-8B layer shapes, random bf16 weights, static cache,
 decode step compiled with CUDA graphs) under ``torch.profiler``. "GEMM" is every kernel of cuBLAS or of
 fp4compile's GEMM path; the wall time that no kernel covers is launch gaps inside the CUDA graph plus the host work
-of ``generate()`` between steps. The numbers are per generated token over one call that also runs the prompt's
-prefill once.
+of ``generate()`` between steps. Every figure is per decode step: a call generating ``--new-tokens`` tokens less a
+call generating one (the prompt's eager prefill and the first token, which ``bench_e2e.py`` leaves out the same
+way), divided by the steps between them.
 
 The GPU timeline is split into time with a kernel running, gaps under ``--gap-us`` (one kernel waiting for the next
 inside a CUDA graph) and longer gaps (the GPU waiting for the host: ``generate()``'s work between two graph
-replays). The profiler slows the host, so the longer gaps of the profiled call overstate the host's share; the last
-column estimates it without the profiler: the unprofiled call's wall time less the kernels and the short gaps. The
-host side lists the operations with the most CPU time of their own per generated token (profiled, so inflated too).
+replays). The profiler slows the host, so the longer gaps of the profiled calls overstate the host's share; the last
+column estimates it without the profiler: the unprofiled calls' wall time less the kernels and the short gaps. The
+host side lists the operations with the most CPU time of their own per decode step (profiled, so inflated too).
 """
 
 import argparse
@@ -73,21 +74,39 @@ def gpu_timeline(prof, gap_us: float) -> dict[str, float]:
     return {"busy_us": busy, "short_gaps_us": short, "long_gaps_us": long}
 
 
-def host_ops(prof, top: int) -> list[tuple[str, float, float]]:
-    """(name, calls, self CPU us) of the ``top`` host operations by their own CPU time."""
-    rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)[:top]
-    return [(r.key, r.count, r.self_cpu_time_total) for r in rows]
+def host_times(prof) -> dict[str, tuple[int, float]]:
+    """Host operation -> (calls, own CPU us) of everything the profiler saw on the host."""
+    return {r.key: (r.count, r.self_cpu_time_total) for r in prof.key_averages()}
+
+
+def difference(full: dict, prefill: dict) -> dict[str, tuple[float, float]]:
+    """Per name, (count, us) of ``full`` less those of ``prefill``: what the decode steps alone added."""
+    return {name: (n - prefill.get(name, (0, 0.0))[0], us - prefill.get(name, (0, 0.0))[1])
+            for name, (n, us) in full.items()}
+
+
+def measure(generate, new_tokens: int, activities, gap_us: float) -> dict:
+    """One unprofiled and one profiled ``generate(new_tokens)``: wall us, kernels, host operations, GPU timeline."""
+    start = time.perf_counter()
+    generate(new_tokens)
+    wall_us = (time.perf_counter() - start) * 1e6
+    with torch.profiler.profile(activities=activities) as prof:
+        generate(new_tokens)
+    return {"wall_us": wall_us, "kernels": kernel_times(prof), "host": host_times(prof),
+            "timeline": gpu_timeline(prof, gap_us)}
 
 
 def profile_config(model, scheme: str | None, group: bool, args, device) -> dict:
+    """Per decode step: a call generating ``args.new_tokens`` tokens less one generating a single token (its eager
+    prefill of the prompt and the first token), divided by the steps between them."""
     torch._dynamo.reset()
     backend = "inductor" if scheme is None else "fp4"
     model.generation_config.compile_config = compile_config(backend, scheme, device, device.type == "cuda", group)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
 
-    def generate():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+    def generate(new_tokens: int):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -95,23 +114,24 @@ def profile_config(model, scheme: str | None, group: bool, args, device) -> dict
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.no_grad():
-        for _ in range(2):  # compile, record the CUDA graphs, then one plain call: the profiled call replays
-            generate()
-        start = time.perf_counter()
-        generate()
-        wall_us = (time.perf_counter() - start) * 1e6
-        with torch.profiler.profile(activities=activities) as prof:
-            generate()
-    kernels = kernel_times(prof)
-    tokens = args.new_tokens
-    gemm = sum(us for name, (_, us) in kernels.items() if is_gemm(name))
-    total = sum(us for _, us in kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]
-    timeline = {k: v / tokens for k, v in gpu_timeline(prof, args.gap_us).items()}
-    return {"wall_us": wall_us / tokens, "kernel_us": total / tokens, "gemm_us": gemm / tokens,
-            "launches": sum(n for n, _ in kernels.values()) / tokens, **timeline,
-            "top": [(name, n / tokens, us / tokens) for name, (n, us) in top],
-            "host": [(name, n / tokens, us / tokens) for name, n, us in host_ops(prof, args.top)]}
+        for _ in range(2):  # compile, record the CUDA graphs, then plain calls: the profiled calls replay
+            generate(args.new_tokens)
+            generate(1)
+        full = measure(generate, args.new_tokens, activities, args.gap_us)
+        prefill = measure(generate, 1, activities, args.gap_us)
+    steps = args.new_tokens - 1
+
+    def per_step(part: str) -> dict[str, tuple[float, float]]:
+        return {name: (n / steps, us / steps) for name, (n, us) in difference(full[part], prefill[part]).items()}
+
+    kernels, host = per_step("kernels"), per_step("host")
+    timeline = {k: (full["timeline"][k] - prefill["timeline"][k]) / steps for k in full["timeline"]}
+    return {"wall_us": (full["wall_us"] - prefill["wall_us"]) / steps,
+            "kernel_us": sum(us for _, us in kernels.values()),
+            "gemm_us": sum(us for name, (_, us) in kernels.items() if is_gemm(name)),
+            "launches": sum(n for n, _ in kernels.values()), **timeline,
+            "top": [(name, n, us) for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]],
+            "host": [(name, n, us) for name, (n, us) in sorted(host.items(), key=lambda kv: -kv[1][1])[: args.top]]}
 
 
 def main() -> None:
@@ -126,27 +146,29 @@ def main() -> None:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--tiny", action="store_true", help="tiny model sizes, for a dry run")
     args = p.parse_args()
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2: the figures are those of the steps after the first token")
     device = torch.device(args.device)
     torch._dynamo.config.recompile_limit = 64
     model = build("llama3-8b-shapes", args.layers, args.tiny, device, torch.bfloat16)
     results = {}
     for config in args.configs.split(","):
         r = results[config] = profile_config(model, *CONFIGS[config], args, device)
-        print(f"\n{config}: kernels per generated token, by GPU time")
+        print(f"\n{config}: kernels per decode step, by GPU time")
         for name, n, us in r["top"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
-        print(f"{config}: host operations per generated token, by their own CPU time")
+        print(f"{config}: host operations per decode step, by their own CPU time")
         for name, n, us in r["host"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\nper generated token ({args.new_tokens} tokens after a {args.prompt_len}-token prompt, "
+    print(f"\nper decode step ({args.new_tokens} tokens less 1 after a {args.prompt_len}-token prompt, "
           f"{model.config.num_hidden_layers} layers, {device_name})")
     print(f"{'config':>18} {'wall us':>9} {'kernels us':>11} {'GEMM us':>9} {'other us':>9} {'not kernels us':>15} "
           f"{'launches':>9}")
     for config, r in results.items():
         print(f"{config:>18} {r['wall_us']:9.0f} {r['kernel_us']:11.0f} {r['gemm_us']:9.0f} "
               f"{r['kernel_us'] - r['gemm_us']:9.0f} {r['wall_us'] - r['kernel_us']:15.0f} {r['launches']:9.0f}")
-    print(f"\nGPU timeline per generated token (profiled call): gaps under {args.gap_us:g} us count as inside a graph")
+    print(f"\nGPU timeline per decode step (profiled calls): gaps under {args.gap_us:g} us count as inside a graph")
     print(f"{'config':>18} {'kernel running':>15} {'short gaps':>11} {'long gaps':>10} {'host wait, unprofiled':>22}")
     for config, r in results.items():
         host_wait = r["wall_us"] - r["busy_us"] - r["short_gaps_us"]
