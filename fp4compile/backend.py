@@ -24,9 +24,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .ops import SCHEMES
 
 try:
-    from fp4compile.passes import WEIGHT_CACHE, RewriteReport, refresh_host_alphas, rewrite_linears
+    from fp4compile.passes import WEIGHT_CACHE, EmbeddedSet, RewriteReport, refresh_host_alphas, rewrite_linears
 except ImportError:  # a source checkout that was not pip-installed: passes/ sits beside fp4compile/
-    from passes import WEIGHT_CACHE, RewriteReport, refresh_host_alphas, rewrite_linears
+    from passes import WEIGHT_CACHE, EmbeddedSet, RewriteReport, refresh_host_alphas, rewrite_linears
 
 log = logging.getLogger("fp4compile")
 
@@ -148,9 +148,10 @@ class CompiledGraph:
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs, options: BackendOptions):
         self.fake_mode = torch._guards.detect_fake_mode(example_inputs)
-        self.report, self.embedded = rewrite_linears(
+        self.report, embedded = rewrite_linears(
             gm, scheme=options.scheme, skip=options.skip, fake_mode=self.fake_mode, group=options.group
         )
+        self.embedded = EmbeddedSet(embedded)
         log.info("%s", self.report)
         if options.report is not None:
             options.report.append(self.report)
@@ -167,10 +168,7 @@ class CompiledGraph:
             return compile_fx(self.gm, self.example_inputs, config_patches=self.inductor)
 
     def __call__(self, *args):
-        stale = [e for e in self.embedded if not e.is_current(args)]
-        for e in stale:
-            e.refresh(args, WEIGHT_CACHE)
-        if stale and refresh_host_alphas(self.gm):
+        if self.embedded.refresh(args, WEIGHT_CACHE) and refresh_host_alphas(self.gm):
             log.info("fp4: a weight's per-tensor scale changed; compiling the graph again")
             self.compiled = self._compile()
         with fp32_gemm_reductions():

@@ -89,24 +89,71 @@ class Embedded:
     placeholder_index: int | None  # its position among the graph's inputs; None for a get_attr weight
     constants: list[torch.Tensor]
     weight_kn: bool
+    packed_buffer: bool = False  # an NVFP4Linear's packed values or block scales, embedded as the buffer itself
+
+    @property
+    def aliased(self) -> bool:
+        """The constant is the buffer itself, so a change in place is seen as it is and only a replaced buffer needs
+        re-embedding. Not so for global scales, though embedded the same way: a GEMM may hold one as a host float
+        (``refresh_host_alphas``)."""
+        return self.packed_buffer and self.constants[0] is self.source
 
     def is_current(self, args) -> bool:
-        if self.placeholder_index is None:
-            return self.source._version == self.version
-        current = args[self.placeholder_index]
-        return current is self.source and current._version == self.version
+        if self.placeholder_index is not None and args[self.placeholder_index] is not self.source:
+            return False
+        return self.aliased or self.source._version == self.version
 
     def refresh(self, args, cache: "WeightCache") -> None:
         """Re-embed after the source tensor was replaced or changed in place."""
         if self.placeholder_index is not None:
             self.source = args[self.placeholder_index]
-        self.version = self.source._version
         if self.source.dtype == torch.uint8 or self.source.dim() == 0:  # an NVFP4Linear buffer, embedded as is
-            self.constants[0].copy_(self.source)
-            return
-        q = cache.get(self.source, self.weight_kn)
-        for const, new in zip(self.constants, (q.packed, q.scales.view(torch.uint8), q.global_scale)):
-            const.copy_(new)
+            if self.constants[0] is not self.source:  # a copy into the buffer itself would count as a change
+                self.constants[0].copy_(self.source)
+        else:
+            q = cache.get(self.source, self.weight_kn)
+            for const, new in zip(self.constants, (q.packed, q.scales.view(torch.uint8), q.global_scale)):
+                const.copy_(new)
+        self.version = self.source._version
+
+
+class EmbeddedSet:
+    """A compiled graph's embedded tensors, checked before every call: a decode step calls the graph once per token,
+    and a 32-layer model embeds up to 672 tensors. The common case (nothing changed) runs as C loops over
+    precomputed tuples (each input still the same object, each tracked tensor at its version); only when that fails
+    are the tensors looked at one by one."""
+
+    def __init__(self, embedded: list[Embedded]):
+        self.embedded = embedded
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        inputs = [e for e in self.embedded if e.placeholder_index is not None]
+        indices = [e.placeholder_index for e in inputs]
+        # One index more than needed makes itemgetter return a tuple even for one input; the comparison stops at
+        # the shorter of the two.
+        self._inputs_of = operator.itemgetter(*indices, indices[0]) if indices else (lambda args: ())
+        self._inputs = tuple(e.source for e in inputs)
+        tracked = [e for e in self.embedded if not e.aliased]
+        self._tracked = tuple(e.source for e in tracked)
+        self._versions = [e.version for e in tracked]
+
+    def _current(self, args) -> bool:
+        return (all(map(operator.is_, self._inputs_of(args), self._inputs))
+                and list(map(_VERSION, self._tracked)) == self._versions)
+
+    def refresh(self, args, cache: "WeightCache") -> bool:
+        """Re-embed every tensor replaced or changed in place since the last call; True when one was."""
+        if self._current(args):
+            return False
+        for e in self.embedded:
+            if not e.is_current(args):
+                e.refresh(args, cache)
+        self._snapshot()
+        return True
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class WeightCache:
@@ -190,7 +237,8 @@ def _new_weight_constants(emit: _Emitter, m: Linear, cache: WeightCache, embedde
         for suffix, arg in zip(("packed", "scales", "pts"), m.node.args[1:4]):
             tensor = stored_tensor(arg)
             nodes.append(emit.constant(f"{m.name}_{suffix}", tensor))
-            embedded.append(Embedded(tensor, tensor._version, emit.index_of(arg), [tensor], False))
+            embedded.append(Embedded(tensor, tensor._version, emit.index_of(arg), [tensor], False,
+                                     packed_buffer=suffix != "pts"))
         return nodes
     weight = stored_tensor(m.weight)
     q = cache.get(weight, m.weight_kn)

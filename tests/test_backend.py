@@ -249,6 +249,27 @@ def test_calibrated_layer_compiles_to_its_eager_output():
             torch.testing.assert_close(compile_fp4(module)(x), module(x), rtol=1e-5, atol=1e-6)
 
 
+def test_calibrated_layer_follows_its_buffers_changed_in_place_or_replaced():
+    """A calibrated layer's packed values and block scales are embedded as the buffers themselves, so the per-call
+    check tracks only which tensors they are, and the global scale's version. A new weight set in place, a buffer
+    replaced and then written in place, and a global scale changed alone: each call sees the layer's own output."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = fp4compile.NVFP4Linear.from_linear(linear, fp4compile.quantize(linear.weight.detach()))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        fast = compile_fp4(layer, scheme="nvfp4a16")
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-6)
+        layer.set_weight(fp4compile.quantize(torch.randn(32, 64)))
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-6)
+        layer.weight_scales = layer.weight_scales.clone()
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-6)
+        layer.set_weight(fp4compile.quantize(torch.randn(32, 64) * 3))
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-6)
+        layer.weight_global_scale.mul_(2.0)
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
 def test_explain_lists_rewritten_and_skipped_layers():
     class Net(nn.Module):
         def __init__(self):

@@ -8,6 +8,7 @@ from torch import nn
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import fp4compile
+from fp4compile.passes import WEIGHT_CACHE, Embedded, EmbeddedSet
 from rewritten import rewrite
 
 
@@ -453,6 +454,27 @@ class TestMatching(TestCase):
         model = One().double()
         _, report, _ = rewrite(model, torch.randn(4, 64, dtype=torch.double))
         self.assertIn("float64", report.skipped[0].reason)
+
+
+def test_embedded_set_refreshes_only_what_changed():
+    """The backend's per-call check: nothing changed -> no refresh; a packed buffer written in place needs none (the
+    graph reads the buffer itself); a global scale written in place is refreshed once, not at every later call; a
+    replaced buffer is copied into the graph's constant and from then on tracked by its version."""
+    packed, scales, pts = torch.zeros(4, 2, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8), torch.ones(())
+    args = [torch.randn(3, 4), packed, scales, pts]
+    embedded = [Embedded(t, t._version, i, [t], False, packed_buffer=t.dtype == torch.uint8)
+                for i, t in enumerate(args[1:], start=1)]
+    check = EmbeddedSet(embedded)
+    assert not check.refresh(args, WEIGHT_CACHE)
+    packed.add_(1)
+    assert not check.refresh(args, WEIGHT_CACHE)
+    pts.mul_(2)
+    assert check.refresh(args, WEIGHT_CACHE) and not check.refresh(args, WEIGHT_CACHE)
+    args[2] = torch.full((4, 1), 7, dtype=torch.uint8)
+    assert check.refresh(args, WEIGHT_CACHE) and not check.refresh(args, WEIGHT_CACHE)
+    assert embedded[1].constants[0] is scales and scales.eq(7).all()
+    args[2].add_(1)
+    assert check.refresh(args, WEIGHT_CACHE) and scales.eq(8).all()
 
 
 if __name__ == "__main__":
