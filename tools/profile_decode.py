@@ -1,7 +1,7 @@
 """Where the time of a decode step goes: GPU kernel time per decode step, split into GEMMs and the rest, against
 the wall time of the same steps, per configuration.
 
-    PYTHONPATH=. python tools/profile_decode.py [--layers 32] [--configs bf16,nvfp4a16]
+    PYTHONPATH=. python tools/profile_decode.py [--layers 32] [--configs bf16,nvfp4a16] [--convert] [--python 20]
     PYTHONPATH=. python tools/profile_decode.py --tiny --device cpu          # dry run (no kernels on a CPU)
 
 Runs ``generate()`` as ``tools/bench_e2e.py`` does (Llama-3-8B layer shapes, random bf16 weights, static cache,
@@ -15,11 +15,18 @@ The GPU timeline is split into time with a kernel running, gaps under ``--gap-us
 inside a CUDA graph) and longer gaps (the GPU waiting for the host: ``generate()``'s work between two graph
 replays). The profiler slows the host, so the longer gaps of the profiled calls overstate the host's share; the last
 column estimates it without the profiler: the unprofiled calls' wall time less the kernels and the short gaps. The
-host side lists the operations with the most CPU time of their own per decode step (profiled, so inflated too).
+host side lists the operations with the most CPU time of their own per decode step (profiled, so inflated too);
+``--python N`` also lists the N Python functions with the most time of their own per step, by ``cProfile`` over
+the same two calls (the torch profiler does not see Python). ``--convert`` runs the fp4 configurations on a copy
+converted by ``fp4compile.quantize_model``, as ``bench_e2e.py --convert`` does. The count of graphs Inductor did
+not capture as CUDA graphs is printed per configuration (transformers' decode step replays one when none is).
 """
 
 import argparse
+import copy
+import cProfile
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -28,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fp4compile  # noqa: E402
 from fp4compile.__main__ import compile_config  # noqa: E402
 from tools.bench_e2e import CONFIGS, build  # noqa: E402
 
@@ -85,21 +93,32 @@ def difference(full: dict, prefill: dict) -> dict[str, tuple[float, float]]:
             for name, (n, us) in full.items()}
 
 
-def measure(generate, new_tokens: int, activities, gap_us: float) -> dict:
-    """One unprofiled and one profiled ``generate(new_tokens)``: wall us, kernels, host operations, GPU timeline."""
+def python_times(generate, new_tokens: int) -> dict[str, tuple[int, float]]:
+    """Python function -> (calls, own us) of one ``generate(new_tokens)`` under cProfile."""
+    profiler = cProfile.Profile()
+    profiler.runcall(generate, new_tokens)
+    stats = pstats.Stats(profiler).stats
+    return {f"{Path(file).name}:{line}({name})": (calls, own_s * 1e6)
+            for (file, line, name), (_, calls, own_s, _, _) in stats.items()}
+
+
+def measure(generate, new_tokens: int, activities, gap_us: float, python: bool) -> dict:
+    """One unprofiled and one profiled ``generate(new_tokens)`` (and one under cProfile where ``python``): wall us,
+    kernels, host operations, GPU timeline, Python functions."""
     start = time.perf_counter()
     generate(new_tokens)
     wall_us = (time.perf_counter() - start) * 1e6
     with torch.profiler.profile(activities=activities) as prof:
         generate(new_tokens)
     return {"wall_us": wall_us, "kernels": kernel_times(prof), "host": host_times(prof),
-            "timeline": gpu_timeline(prof, gap_us)}
+            "timeline": gpu_timeline(prof, gap_us), "python": python_times(generate, new_tokens) if python else {}}
 
 
 def profile_config(model, scheme: str | None, group: bool, args, device) -> dict:
     """Per decode step: a call generating ``args.new_tokens`` tokens less one generating a single token (its eager
     prefill of the prompt and the first token), divided by the steps between them."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     backend = "inductor" if scheme is None else "fp4"
     model.generation_config.compile_config = compile_config(backend, scheme, device, device.type == "cuda", group)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
@@ -117,21 +136,25 @@ def profile_config(model, scheme: str | None, group: bool, args, device) -> dict
         for _ in range(2):  # compile, record the CUDA graphs, then plain calls: the profiled calls replay
             generate(args.new_tokens)
             generate(1)
-        full = measure(generate, args.new_tokens, activities, args.gap_us)
-        prefill = measure(generate, 1, activities, args.gap_us)
+        full = measure(generate, args.new_tokens, activities, args.gap_us, args.python > 0)
+        prefill = measure(generate, 1, activities, args.gap_us, args.python > 0)
     steps = args.new_tokens - 1
 
     def per_step(part: str) -> dict[str, tuple[float, float]]:
         return {name: (n / steps, us / steps) for name, (n, us) in difference(full[part], prefill[part]).items()}
 
-    kernels, host = per_step("kernels"), per_step("host")
+    kernels, host, python = per_step("kernels"), per_step("host"), per_step("python")
     timeline = {k: (full["timeline"][k] - prefill["timeline"][k]) / steps for k in full["timeline"]}
     return {"wall_us": (full["wall_us"] - prefill["wall_us"]) / steps,
             "kernel_us": sum(us for _, us in kernels.values()),
             "gemm_us": sum(us for name, (_, us) in kernels.items() if is_gemm(name)),
             "launches": sum(n for n, _ in kernels.values()), **timeline,
             "top": [(name, n, us) for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[: args.top]],
-            "host": [(name, n, us) for name, (n, us) in sorted(host.items(), key=lambda kv: -kv[1][1])[: args.top]]}
+            "host": [(name, n, us) for name, (n, us) in sorted(host.items(), key=lambda kv: -kv[1][1])[: args.top]],
+            "python": [(name, n, us) for name, (n, us) in
+                       sorted(python.items(), key=lambda kv: -kv[1][1])[: args.python]],
+            "python_us": sum(us for _, us in python.values()),
+            "cudagraph_skips": torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)}
 
 
 def main() -> None:
@@ -145,6 +168,10 @@ def main() -> None:
     p.add_argument("--gap-us", type=float, default=20.0, help="shorter gaps between kernels count as inside a graph")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--tiny", action="store_true", help="tiny model sizes, for a dry run")
+    p.add_argument("--convert", action="store_true",
+                   help="fp4 configurations run a copy converted by fp4compile.quantize_model (packed weights only)")
+    p.add_argument("--python", type=int, default=0, metavar="N",
+                   help="also list the N Python functions with the most own time per step (cProfile)")
     args = p.parse_args()
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2: the figures are those of the steps after the first token")
@@ -153,13 +180,25 @@ def main() -> None:
     model = build("llama3-8b-shapes", args.layers, args.tiny, device, torch.bfloat16)
     results = {}
     for config in args.configs.split(","):
-        r = results[config] = profile_config(model, *CONFIGS[config], args, device)
-        print(f"\n{config}: kernels per decode step, by GPU time")
+        scheme, group = CONFIGS[config]
+        run_model = model
+        if args.convert and scheme is not None:
+            run_model = copy.deepcopy(model)
+            fp4compile.quantize_model(run_model, scheme=scheme)
+        r = results[config] = profile_config(run_model, scheme, group, args, device)
+        del run_model
+        print(f"\n{config}: {r['cudagraph_skips']} graph(s) not captured as CUDA graphs")
+        print(f"{config}: kernels per decode step, by GPU time")
         for name, n, us in r["top"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
         print(f"{config}: host operations per decode step, by their own CPU time")
         for name, n, us in r["host"]:
             print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
+        if r["python"]:
+            print(f"{config}: Python functions per decode step, by their own time (cProfile; {r['python_us']:.0f} us "
+                  "in all)")
+            for name, n, us in r["python"]:
+                print(f"  {us:8.1f} us  {n:5.1f}x  {name[:100]}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nper decode step ({args.new_tokens} tokens less 1 after a {args.prompt_len}-token prompt, "
           f"{model.config.num_hidden_layers} layers, {device_name})")
