@@ -111,8 +111,9 @@ def test_tuning_lowers_the_error_on_new_inputs(scheme):
 
 
 def test_tuning_that_does_not_help_is_not_kept():
-    """A block whose targets are its own quantized outputs has nothing to gain (error 0 before): the tuned codes are
-    dropped and the layers keep GPTQ's."""
+    """A block whose targets are its own quantized outputs has nothing to gain (error 0 before, up to the fp32 sum
+    order of the two matmul paths, which differs between CPUs): the tuned codes are dropped and the layers keep
+    GPTQ's."""
     model, _ = _calibrated("nvfp4a16", 0)
     block = model.layers[1]
     inputs = [((torch.randn(1, 12, 64),), {}) for _ in range(4)]
@@ -123,7 +124,7 @@ def test_tuning_that_does_not_help_is_not_kept():
     originals = {n: torch.randn(block.get_submodule(n).out_features, block.get_submodule(n).in_features)
                  for n in names}
     result = tune.tune_block("layers.1", block, originals, inputs, targets, steps=8)
-    assert result.error_before == 0.0 and not result.kept
+    assert result.error_before < 1e-12 and result.error_after > result.error_before and not result.kept
     assert all(torch.equal(block.get_submodule(n).weight_packed, packed[n]) for n in names)
     assert all(isinstance(block.get_submodule(n), NVFP4Linear) for n in names)
 
