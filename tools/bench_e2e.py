@@ -59,6 +59,13 @@ def build(name: str, layers: int, tiny: bool, device, dtype) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def converted(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
+    """A copy of ``model`` whose linears ``fp4compile.quantize_model`` replaced (packed weights only): ``--convert``."""
+    copied = copy.deepcopy(model)
+    fp4compile.quantize_model(copied, scheme=scheme)
+    return copied
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers (packed ones included), each shared tensor once."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -173,13 +180,9 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             scheme, group = CONFIGS[config]
-            if args.convert and scheme is not None:
-                converted = copy.deepcopy(model)
-                fp4compile.quantize_model(converted, scheme=scheme)
-                results[name][config] = bench_config(converted, scheme, group, args, device)
-                del converted
-            else:
-                results[name][config] = bench_config(model, scheme, group, args, device)
+            run_model = converted(model, scheme) if args.convert and scheme is not None else model
+            results[name][config] = bench_config(run_model, scheme, group, args, device)
+            del run_model  # a converted copy is freed before the next configuration
             print(f"{name} {config}: {results[name][config]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         del model

@@ -23,7 +23,6 @@ not capture as CUDA graphs is printed per configuration (transformers' decode st
 """
 
 import argparse
-import copy
 import cProfile
 import json
 import pstats
@@ -35,9 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fp4compile  # noqa: E402
 from fp4compile.__main__ import compile_config  # noqa: E402
-from tools.bench_e2e import CONFIGS, build  # noqa: E402
+from tools.bench_e2e import CONFIGS, build, converted  # noqa: E402
 
 # _int8_operand_kernel is nvfp4's activation quantize at a few rows; it counts with its GEMV, as when the GEMV did it.
 GEMM_KERNELS = ("nvjet", "gemm", "xmma", "cutlass", "splitKreduce", "_gemv_kernel", "_gemv_w4a4_kernel",
@@ -181,10 +179,7 @@ def main() -> None:
     results = {}
     for config in args.configs.split(","):
         scheme, group = CONFIGS[config]
-        run_model = model
-        if args.convert and scheme is not None:
-            run_model = copy.deepcopy(model)
-            fp4compile.quantize_model(run_model, scheme=scheme)
+        run_model = converted(model, scheme) if args.convert and scheme is not None else model
         r = results[config] = profile_config(run_model, scheme, group, args, device)
         del run_model
         print(f"\n{config}: {r['cudagraph_skips']} graph(s) not captured as CUDA graphs")
